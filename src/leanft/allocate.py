@@ -1,0 +1,114 @@
+"""Sensitivity-based drop-rate allocation for DropBP (paper, Sec. 3.2).
+
+Sensitivity of branch i: the L2 norm (over all trainable parameters) of the difference between the
+gradient of the full backward pass and the gradient when only branch i is dropped, measured on one
+batch with the same dropout masks for every measurement. Allocation: every rate starts at ``floor``;
+while the expected share of skipped backward FLOPs is below the target, raise by 0.1 the rate of the
+branch whose sensitivity per FLOP saved is lowest (capped at 0.9). The global RNG state (python,
+numpy, torch) and any gradients already on the parameters are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanft.dropbp import MAX_RATE, DropBP, check_rate
+from leanft.errors import LeanftError
+
+STEP = 0.1
+MEASURE_SEED = 1234
+
+
+@contextlib.contextmanager
+def preserved_global_state(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Restore python/numpy/torch RNG states, train/eval flags and ``.grad`` of ``params`` on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [param.grad for param in params]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for module, training in modes:
+            module.training = training
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+
+
+def _gradients(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], pattern: list[bool]) -> list:
+    for param in params:
+        param.grad = None
+    torch.manual_seed(MEASURE_SEED)
+    with ctrl.forced(pattern):
+        loss = ctrl.model(**batch).loss
+    if loss is None:
+        raise LeanftError("allocation needs a batch with labels (the model returned no loss)")
+    loss.backward()
+    return [None if param.grad is None else param.grad.detach().clone() for param in params]
+
+
+def _difference_norm(reference: list, other: list) -> float:
+    total = 0.0
+    for ref, grad in zip(reference, other, strict=True):
+        if ref is None and grad is None:
+            continue
+        if ref is None:
+            ref = torch.zeros_like(grad)
+        if grad is None:
+            grad = torch.zeros_like(ref)
+        total += float((ref.float() - grad.float()).pow(2).sum())
+    return total**0.5
+
+
+def measure_sensitivities(ctrl: DropBP, batch: dict) -> list[float]:
+    """Gradient change when each branch alone is dropped, one value per branch, in branch order."""
+    model = ctrl.model
+    params = [param for param in model.parameters() if param.requires_grad]
+    if not params:
+        raise LeanftError("the model has no trainable parameters; apply PaCA/LoRA or unfreeze it first")
+    if "labels" not in batch:
+        raise LeanftError("allocation needs a batch dict with 'labels' (and 'input_ids')")
+    sequence = batch.get("input_ids")
+    if isinstance(sequence, torch.Tensor) and sequence.dim() >= 2:
+        ctrl._set_seq_len(int(sequence.shape[1]))
+    saved_pattern, saved_active = ctrl.dropped, ctrl._active
+    with preserved_global_state(model, params):
+        model.train()
+        count = len(ctrl.branches)
+        reference = _gradients(ctrl, batch, params, [False] * count)
+        sensitivities = []
+        for index in range(count):
+            pattern = [i == index for i in range(count)]
+            sensitivities.append(_difference_norm(reference, _gradients(ctrl, batch, params, pattern)))
+    ctrl.dropped, ctrl._active = saved_pattern, saved_active
+    return sensitivities
+
+
+def greedy_rates(
+    sensitivities: Sequence[float], flops: Sequence[float], target: float, floor: float = 0.0
+) -> list[float]:
+    """Raise rates by 0.1 on the cheapest branch (sensitivity per FLOP) until ``target`` of FLOPs is skipped."""
+    check_rate(target, "target drop rate")
+    if target > MAX_RATE or not 0.0 <= floor <= MAX_RATE:
+        raise LeanftError(f"target ({target}) and floor ({floor}) must lie in [0, {MAX_RATE}]")
+    total = float(sum(flops))
+    tenths = [round(floor / STEP) for _ in flops]
+    max_tenths = round(MAX_RATE / STEP)
+
+    def dropped_share() -> float:
+        return sum(t * STEP * f for t, f in zip(tenths, flops, strict=True)) / total
+
+    while dropped_share() < target - 1e-9:
+        open_branches = [i for i, t in enumerate(tenths) if t < max_tenths and flops[i] > 0]
+        cheapest = min(open_branches, key=lambda i: (sensitivities[i] / flops[i], i))
+        tenths[cheapest] += 1
+    return [round(t * STEP, 10) for t in tenths]

@@ -1,0 +1,201 @@
+"""DropBP: randomly skip the backward pass of residual branches (Woo et al., NeurIPS 2024).
+
+``apply_dropbp`` wraps the attention and MLP branches of every decoder block. Before each training
+forward of the model a drop pattern is drawn from a dedicated generator seeded by ``(seed, step)``,
+so every data-parallel rank draws the same pattern and gradient-checkpointing recomputation (which
+does not re-enter the model's forward) sees the pattern of its own step. A dropped branch runs under
+``torch.no_grad()``: its output is bit-identical, it builds no graph and saves no activations, and
+its parameters get no gradient.
+
+Sampling: each branch is dropped independently with its own rate (a Bernoulli draw per branch and
+step). This is unbiased: the expected dropped share of backward FLOPs equals the target, and its
+average over steps converges to it; a single step varies around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from leanft.blocks import Branch, find_branches
+from leanft.errors import LeanftError
+
+MAX_RATE = 0.9
+
+
+def check_rate(rate: float, what: str = "drop_rate") -> float:
+    """Return ``rate`` as a float if it lies in [0, 1), else raise a LeanftError saying so."""
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+        raise LeanftError(f"{what} must be a number in [0, 1) (0 = DropBP off), got {rate!r}")
+    return float(rate)
+
+
+class DropBP:
+    """Controller of DropBP on one model: branches, per-branch rates, the current step's pattern."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        drop_rate: float = 0.5,
+        seed: int = 0,
+        blocks: str | None = None,
+        attn: str | None = None,
+        mlp: str | None = None,
+    ) -> None:
+        self.drop_rate = check_rate(drop_rate)
+        self.seed = int(seed)
+        self.model = model
+        self.branches: list[Branch] = find_branches(model, blocks=blocks, attn=attn, mlp=mlp)
+        self.rates: list[float] = [self.drop_rate] * len(self.branches)
+        self.dropped: list[bool] = [False] * len(self.branches)
+        self.sensitivities: list[float] | None = None
+        self.step = 0
+        self._active = False
+        self._forced: list[bool] | None = None
+        self._generator = torch.Generator()
+        self._restore: list[tuple[nn.Module, object]] = []
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
+        for index, branch in enumerate(self.branches):
+            for module in branch.modules:
+                self._wrap(module, index)
+        self._set_seq_len(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
+
+    # -- wrapping -------------------------------------------------------------------------------
+    def _wrap(self, module: nn.Module, index: int) -> None:
+        """Replace ``module.forward`` by a closure that runs it under no_grad when its branch is dropped."""
+        self._restore.append((module, module.__dict__.get("forward")))
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if self._active and self.dropped[index]:
+                with torch.no_grad():
+                    return original(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        """Undo ``apply_dropbp``: original forwards, no hooks; the model is exactly as before."""
+        for hook in self._hooks:
+            hook.remove()
+        for module, previous in reversed(self._restore):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._hooks, self._restore = [], []
+        self._active = False
+
+    # -- per-step pattern -------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._active = module.training and torch.is_grad_enabled()
+        if not self._active:
+            return
+        seq_len = _sequence_length(args, kwargs)
+        if seq_len is not None:
+            self._set_seq_len(seq_len)
+        if self._forced is not None:
+            self.dropped = list(self._forced)
+        else:
+            self.dropped = self.sample(self.step)
+            self.step += 1
+
+    def _after_forward(self, module: nn.Module, args: tuple, output):
+        """Keep ``loss.backward()`` callable when the step dropped every trainable path."""
+        if not self._active:
+            return output
+        for key in ("loss", "logits"):
+            value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+            if isinstance(value, torch.Tensor) and value.is_leaf and not value.requires_grad:
+                value.requires_grad_(True)
+        return output
+
+    def sample(self, step: int) -> list[bool]:
+        """The drop pattern of training step ``step`` (a pure function of seed, step and rates)."""
+        self._generator.manual_seed(self.seed * 1_000_003 + step)
+        draws = torch.rand(len(self.rates), generator=self._generator)
+        return [bool(u < rate) for u, rate in zip(draws.tolist(), self.rates, strict=True)]
+
+    @contextlib.contextmanager
+    def forced(self, pattern: Sequence[bool]) -> Iterator[None]:
+        """Use ``pattern`` for every training forward inside the block, without advancing the step."""
+        if len(pattern) != len(self.branches):
+            raise LeanftError(f"a pattern needs {len(self.branches)} entries, got {len(pattern)}")
+        previous, self._forced = self._forced, [bool(p) for p in pattern]
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    # -- rates and FLOPs -----------------------------------------------------------------------------
+    def set_rates(self, rates: Sequence[float]) -> None:
+        """Set per-branch drop rates (each in [0, 1))."""
+        if len(rates) != len(self.branches):
+            raise LeanftError(f"rates needs {len(self.branches)} entries (one per branch), got {len(rates)}")
+        self.rates = [check_rate(rate, f"rates[{i}]") for i, rate in enumerate(rates)]
+
+    def _set_seq_len(self, seq_len: int) -> None:
+        for branch in self.branches:
+            branch.set_seq_len(seq_len)
+
+    def expected_drop_fraction(self, rates: Sequence[float] | None = None) -> float:
+        """Expected share of the branches' backward FLOPs skipped per step under ``rates``."""
+        rates = self.rates if rates is None else rates
+        total = sum(branch.flops for branch in self.branches)
+        return sum(rate * branch.flops for rate, branch in zip(rates, self.branches, strict=True)) / total
+
+    def dropped_fraction(self, pattern: Sequence[bool] | None = None) -> float:
+        """Share of the branches' backward FLOPs that ``pattern`` (default: the current one) skips."""
+        pattern = self.dropped if pattern is None else pattern
+        return self.expected_drop_fraction([float(p) for p in pattern])
+
+    def allocate(self, batch: dict, target: float | None = None, floor: float = 0.0) -> list[float]:
+        """Sensitivity-based allocation of drop rates on ``batch``; sets and returns ``self.rates``."""
+        from leanft.allocate import greedy_rates, measure_sensitivities
+
+        self.sensitivities = measure_sensitivities(self, batch)
+        flops = [branch.flops for branch in self.branches]
+        self.set_rates(greedy_rates(self.sensitivities, flops, self.drop_rate if target is None else target, floor))
+        return self.rates
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume with the same rates and the same patterns."""
+        return {"seed": self.seed, "step": self.step, "drop_rate": self.drop_rate, "rates": list(self.rates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` output."""
+        self.seed, self.step, self.drop_rate = int(state["seed"]), int(state["step"]), float(state["drop_rate"])
+        self.set_rates(state["rates"])
+
+
+def _sequence_length(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return int(args[0].shape[1])
+    return None
+
+
+def apply_dropbp(
+    model: nn.Module,
+    drop_rate: float = 0.5,
+    seed: int = 0,
+    blocks: str | None = None,
+    attn: str | None = None,
+    mlp: str | None = None,
+) -> DropBP:
+    """Attach DropBP to ``model`` in place and return its controller.
+
+    ``blocks`` (dotted path of the decoder-block ModuleList), ``attn`` and ``mlp`` (sub-module names
+    in a block; join several with ``+``) point leanft at the branches of architectures it cannot map.
+    """
+    return DropBP(model, drop_rate=drop_rate, seed=seed, blocks=blocks, attn=attn, mlp=mlp)

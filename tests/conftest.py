@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random causal LMs of several architectures (CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **COMMON)
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **DECODER),
+    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **DECODER),
+    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **DECODER),
+    "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **DECODER),
+    "gemma": lambda: transformers.GemmaConfig(num_key_value_heads=1, head_dim=8, **DECODER),
+    "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, **DECODER),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**DECODER),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, **COMMON
+    ),
+}
+ARCHITECTURES = list(TINY_CONFIGS)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random causal LM of ``arch`` in fp32, dropout off, in train mode."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.train()
+
+
+def tiny_batch(batch: int = 2, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids with labels (the first 3 labels of each row masked, as a prompt would be)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    """A small training batch for tiny models."""
+    return tiny_batch()
