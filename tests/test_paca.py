@@ -70,7 +70,9 @@ def test_target_modules_suffixes_and_regex():
     by_suffix = leanft.apply_paca(tiny_model("llama"), r=2, target_modules=["q_proj", "v_proj"])
     assert sorted({n.rsplit(".", 1)[1] for n in leanft.paca_modules(by_suffix)}) == ["q_proj", "v_proj"]
     by_regex = leanft.apply_paca(tiny_model("llama"), r=2, target_modules=r".*\.0\.mlp\..*")
-    assert sorted(leanft.paca_modules(by_regex)) == [f"model.layers.0.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    assert sorted(leanft.paca_modules(by_regex)) == [
+        f"model.layers.0.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")
+    ]
 
 
 def test_saves_only_selected_input_columns_for_backward():
