@@ -1,5 +1,6 @@
 """leanft: faster, lighter fine-tuning of Hugging Face causal LMs with DropBP and PaCA."""
 
+from leanft.callback import DropBPCallback
 from leanft.dropbp import DropBP, apply_dropbp
 from leanft.errors import LeanftError
 from leanft.paca import (
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DropBP",
+    "DropBPCallback",
     "LeanftError",
     "PacaLinear",
     "apply_dropbp",

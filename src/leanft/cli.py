@@ -1,0 +1,160 @@
+"""``leanft train | eval | merge | generate | bench``: thin commands over the library.
+
+Bad input ends with one line on stderr and exit code 2; Ctrl-C during training saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from leanft.errors import LeanftError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """(YAML path or None, key=value overrides) from the positional arguments of ``train``."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``leanft train``."""
+    from leanft.config import load_config
+    from leanft.train import train
+
+    path, overrides = _split_config_args(args.items)
+    summary = train(load_config(path, overrides))
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``leanft eval``: held-out loss, perplexity and exact-match accuracy."""
+    from leanft.config import load_config
+    from leanft.data import tokenize_dataset
+    from leanft.evaluate import evaluate
+    from leanft.models import load_model_and_tokenizer
+    from leanft.train import RUN_CONFIG_FILE, load_records, load_run
+
+    path, overrides = _split_config_args(args.items)
+    if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():
+        model, tokenizer, config = load_run(path)
+        config = load_config(Path(path) / RUN_CONFIG_FILE, overrides)
+    elif path is not None:
+        raise LeanftError(f"{path} is not a leanft run folder: pass a run folder, or model=... for a base model")
+    else:
+        config = load_config(None, overrides)
+        model, tokenizer = load_model_and_tokenizer(config.model)
+    _, records = load_records(config)
+    features = tokenize_dataset(records, tokenizer, config.max_seq_len)
+    print(json.dumps(evaluate(model, tokenizer, records, features, config.max_new_tokens), indent=2))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Run ``leanft merge RUN_DIR OUT_DIR``: a standalone HF model folder with the adapter merged in."""
+    from leanft.fileio import atomic_dir
+    from leanft.methods import merged
+    from leanft.train import load_run
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
+    model, tokenizer, _ = load_run(args.run_dir, device="cpu")
+    plain = merged(model)
+    with atomic_dir(out_dir) as folder:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    print(f"merged model written to {out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run ``leanft generate RUN_DIR PROMPT``: the tuned model's greedy answer."""
+    from leanft.data import generate_answers
+    from leanft.train import load_run
+
+    model, tokenizer, _ = load_run(args.run_dir)
+    print(generate_answers(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``leanft bench``."""
+    from leanft.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``leanft`` argument parser with its sub-commands."""
+    from leanft.config import config_help
+
+    parser = argparse.ArgumentParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model (no arguments: the embedded default job)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="leanft train [CONFIG.yaml] [key=value ...]",
+        epilog="config keys (YAML or key=value):\n" + "\n".join(config_help()),
+    )
+    train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="held-out loss / perplexity / exact match of a run or base model")
+    evaluate.add_argument("items", nargs="*", metavar="RUN_DIR | key=value")
+    evaluate.set_defaults(func=cmd_eval)
+
+    merge = commands.add_parser("merge", help="write a standalone HF model with the adapter merged in")
+    merge.add_argument("run_dir")
+    merge.add_argument("out_dir")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    merge.set_defaults(func=cmd_merge)
+
+    generate = commands.add_parser("generate", help="answer a prompt with a tuned model")
+    generate.add_argument("run_dir")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(func=cmd_generate)
+
+    try:
+        from leanft.bench import add_bench_arguments
+    except ImportError:
+        add_bench_arguments = None
+    if add_bench_arguments is not None:
+        bench = commands.add_parser("bench", help="speed / memory / max length side by side with peft LoRA")
+        add_bench_arguments(bench)
+        bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``leanft`` command; returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeanftError as error:
+        print(f"leanft: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as interrupt:
+        print(f"leanft: {interrupt or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Training configuration: documented dataclasses, YAML files that mirror them, ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from leanft.errors import LeanftError
+
+METHODS = ("paca", "lora", "full")
+DEFAULT_LR = {"paca": 1e-3, "lora": 2e-4, "full": 2e-5}
+
+
+def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    """A dataclass field carrying its help text."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DropBPConfig:
+    """DropBP settings (``dropbp.KEY=VALUE`` on the command line)."""
+
+    rate: float = doc("target drop rate in [0, 1): share of the branches' backward FLOPs skipped; 0 = off", 0.5)
+    allocate_at: float | None = doc(
+        "fraction of training after which sensitivity-based allocation sets per-branch rates; null = keep uniform",
+        0.1,
+    )
+    allocation_samples: int = doc("training examples used to measure branch sensitivities", 8)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``leanft train`` needs; every field can be set in YAML or as ``key=value``."""
+
+    model: str = doc("local HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)", "default")
+    data: str = doc("JSONL file ({instruction,input,output} or {messages}) or 'builtin' (generated task)", "builtin")
+    eval_data: str | None = doc("held-out JSONL; default: the built-in task's held-out split, or 5% of data", None)
+    output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
+    method: str = doc("paca | lora | full", "paca")
+    r: int = doc("PaCA columns / LoRA rank per layer", 8)
+    lora_alpha: int = doc("LoRA scaling numerator (method=lora)", 16)
+    target_modules: str = doc("'all-linear', a regex, or comma-separated name suffixes", "all-linear")
+    lr: float | None = doc("learning rate; default per method: paca 1e-3, lora 2e-4, full 2e-5", None)
+    lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
+    warmup_ratio: float = doc("share of steps for LR warm-up", 0.05)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    max_steps: int = doc("optimizer steps", 150)
+    batch_size: int = doc("examples per device per step", 8)
+    grad_accum: int = doc("gradient accumulation steps", 1)
+    max_seq_len: int = doc("tokens per example (longer ones are truncated) or per packed block", 256)
+    packing: bool = doc("concatenate examples into max_seq_len blocks", False)
+    gradient_checkpointing: bool = doc("recompute activations in backward (non-reentrant)", False)
+    bf16: str = doc("auto | true | false: bf16 mixed precision (auto = on where a GPU supports it)", "auto")
+    seed: int = doc("seed of data order, PaCA columns and DropBP patterns", 0)
+    num_train: int = doc("built-in task: training examples", 2000)
+    num_eval: int = doc("held-out examples for exact-match accuracy", 100)
+    max_new_tokens: int = doc("generation length for exact-match accuracy", 24)
+    logging_steps: int = doc("log loss every N steps (metrics.jsonl)", 5)
+    save_steps: int = doc("checkpoint every N steps", 50)
+    save_total_limit: int = doc("checkpoints kept", 2)
+    resume: bool = doc("continue from the last checkpoint in output_dir", False)
+    overwrite: bool = doc("allow writing into a run folder that holds a finished run", False)
+    dropbp: DropBPConfig = doc("DropBP settings", factory=DropBPConfig)
+
+    def learning_rate(self) -> float:
+        """The configured learning rate, or the method's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def validate(self) -> TrainConfig:
+        """Raise a LeanftError naming the first bad value; returns self."""
+        if self.method not in METHODS:
+            raise LeanftError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0.0 <= self.dropbp.rate < 1.0:
+            raise LeanftError(f"dropbp.rate must be in [0, 1) (0 = off), got {self.dropbp.rate}")
+        if self.dropbp.allocate_at is not None and not 0.0 <= self.dropbp.allocate_at <= 1.0:
+            raise LeanftError(f"dropbp.allocate_at must be in [0, 1] or null, got {self.dropbp.allocate_at}")
+        for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
+            if getattr(self, name) < 1:
+                raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        return self
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: object, kind: object, key: str) -> object:
+    """Convert a YAML / command-line value to the field's type."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if type(None) in options:
+            return None
+        raise LeanftError(f"{key} cannot be null")
+    for option in (o for o in options if o is not type(None)):
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return str(value).lower() in ("true", "1", "yes", "on")
+        elif option is int and not isinstance(value, bool):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            with contextlib.suppress(TypeError, ValueError):
+                return int(str(value))
+        elif option is float and not isinstance(value, bool):
+            with contextlib.suppress(TypeError, ValueError):
+                return float(value)
+        elif option is str:
+            return str(value).lower() if isinstance(value, bool) else str(value)
+    raise LeanftError(f"{key}={value!r} is not a valid {' or '.join(getattr(o, '__name__', str(o)) for o in options)}")
+
+
+def _assign(target: object, key: str, value: object, prefix: str = "") -> None:
+    types_by_name = _field_types(type(target))
+    head, _, rest = key.partition(".")
+    full = prefix + head
+    if head not in types_by_name:
+        raise LeanftError(f"unknown config key {full!r}: see `leanft train --help` for the keys")
+    current = getattr(target, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _assign(current, rest, value, full + ".")
+        elif isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                _assign(current, str(sub_key), sub_value, full + ".")
+        else:
+            raise LeanftError(f"{full} is a group: set its keys, e.g. {full}.rate=0.5")
+        return
+    if rest:
+        raise LeanftError(f"unknown config key {prefix + key!r}: see `leanft train --help` for the keys")
+    setattr(target, head, _coerce(value, types_by_name[head], full))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A validated TrainConfig from an optional YAML file, then ``key=value`` overrides (nested: ``dropbp.rate=0``)."""
+    config = TrainConfig()
+    if path is not None:
+        source = Path(path)
+        if not source.is_file():
+            raise LeanftError(f"config file {source} does not exist: check the path")
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LeanftError(f"{source} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(data, dict):
+            raise LeanftError(f"{source} must hold a mapping of config keys")
+        for key, value in data.items():
+            _assign(config, str(key), value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LeanftError(f"expected key=value, got {item!r}")
+        _assign(config, key.strip(), yaml.safe_load(value) if value.strip() else value)
+    return config.validate()
+
+
+def config_help(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """One line per field: ``key (default): help``, nested groups flattened with dots."""
+    lines = []
+    for item in dataclasses.fields(cls):
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        if dataclasses.is_dataclass(default):
+            lines += config_help(type(default), prefix + item.name + ".")
+        else:
+            lines.append(f"  {prefix + item.name} (default {default!r}): {item.metadata.get('help', '')}")
+    return lines
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The config as plain nested data (for YAML / JSON)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,70 @@
+"""Held-out loss, perplexity and exact-match accuracy of a model on instruction / chat records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from leanft.data import IGNORE_INDEX, Feature, Record, collate, exact_match, generate_answers, user_text
+
+
+def heldout_loss(model: nn.Module, features: Sequence[Feature], pad_token_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per answer token over ``features`` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start : start + batch_size], pad_token_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def reference_pairs(records: Sequence[Record]) -> tuple[list[str], list[str]]:
+    """(prompts, references) for exact match: instruction records and single-turn chats."""
+    prompts, references = [], []
+    for record in records:
+        if "messages" not in record:
+            prompts.append(user_text(record))
+            references.append(record["output"])
+            continue
+        roles = [message["role"] for message in record["messages"]]
+        if roles[-2:] == ["user", "assistant"] and roles.count("user") == 1:
+            prompts.append(record["messages"][-2]["content"])
+            references.append(record["messages"][-1]["content"])
+    return prompts, references
+
+
+def accuracy(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_new_tokens: int
+) -> float | None:
+    """Exact-match accuracy of greedy answers (None when no record has a single reference answer)."""
+    prompts, references = reference_pairs(records)
+    if not prompts:
+        return None
+    return exact_match(generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens), references)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    features: Sequence[Feature],
+    max_new_tokens: int,
+) -> dict[str, float | None]:
+    """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features."""
+    loss = heldout_loss(model, features, tokenizer.pad_token_id)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": accuracy(model, tokenizer, records, max_new_tokens),
+    }

@@ -1,0 +1,126 @@
+"""What a run shows and records: a progress bar, ``metrics.jsonl``, a loss-curve PNG, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from leanft.fileio import atomic_path
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+class RunLogCallback(TrainerCallback):
+    """A tqdm bar with loss and tokens/s, and one JSON line per log event in ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.metrics_path = Path(run_dir) / METRICS_FILE
+        self.bar: tqdm | None = None
+        self.started = 0.0
+        self.first_tokens = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Open the bar at the current step (non-zero on resume)."""
+        self.started = time.perf_counter()
+        self.first_tokens = state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+    def tokens_per_second(self, state: TrainerState) -> float:
+        """Input tokens (non-padding) per second of this run so far."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return (state.num_input_tokens_seen - self.first_tokens) / elapsed
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Advance the bar."""
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        """Append the logged values (with step, elapsed time and tokens/s) to metrics.jsonl."""
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        record["tokens_per_s"] = round(self.tokens_per_second(state), 1)
+        record.update({key: value for key, value in logs.items() if isinstance(value, (int, float))})
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Install the SIGINT handler."""
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Ask the Trainer to save and stop after an interrupt."""
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Give SIGINT back to its previous handler."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` (empty when there is none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path:
+    """Write ``loss_curve.png``: training loss per step (and held-out loss where logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    heldout = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        axis.plot(*zip(*train, strict=True), label="training loss")
+    if heldout:
+        axis.plot(*zip(*heldout, strict=True), "o-", label="held-out loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    target = Path(run_dir) / LOSS_CURVE_FILE
+    with atomic_path(target) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    return target

@@ -1,0 +1,218 @@
+"""``train(config)``: model -> method (+ DropBP) -> ``transformers.Trainer`` -> run folder with a report.
+
+A run folder holds ``run_config.yaml``, ``checkpoint-N/`` folders (the adapter or model, optimizer, scheduler,
+RNG and trainer state with the DropBP rates), then at the end ``adapter/`` (or ``model/`` for full fine-tuning),
+``metrics.jsonl``, ``loss_curve.png`` and ``summary.json``. Every file leanft writes itself is written atomically;
+a checkpoint counts only once its completion marker exists, so a crash mid-save never leaves a checkpoint
+that ``resume=true`` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+from transformers import Trainer, TrainingArguments
+
+from leanft.callback import DropBPCallback
+from leanft.config import TrainConfig, config_to_dict, load_config
+from leanft.data import builtin_task, collate, load_jsonl_examples, tokenize_dataset
+from leanft.errors import LeanftError
+from leanft.evaluate import evaluate
+from leanft.fileio import atomic_dir, atomic_path, write_json
+from leanft.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, save_trained
+from leanft.models import load_model_and_tokenizer
+from leanft.paca import load_paca, paca_modules, save_paca
+from leanft.runlog import InterruptCallback, RunLogCallback, plot_loss_curve
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.yaml"
+SUMMARY_FILE = "summary.json"
+BASELINE_FILE = "baseline.json"
+COMPLETE_MARKER = "leanft_complete"
+
+
+class LeanftTrainer(Trainer):
+    """``Trainer`` that checkpoints PaCA models as adapters and marks checkpoints complete."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not paca_modules(self.model):
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_paca(self.model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = model if model is not None else self.model
+        if not paca_modules(target):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_paca(target, resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            with atomic_path(folder / COMPLETE_MARKER) as temporary:
+                temporary.write_text("complete\n")
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder whose save finished, or None."""
+    complete = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """The run folder, checked against finished / unfinished runs already in it."""
+    if config.output_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{stamp}-{config.method}"
+    run_dir = Path(config.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LeanftError(f"output_dir {run_dir} is a file: pass a folder")
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if config.resume:
+        if last_complete_checkpoint(run_dir) is None:
+            raise LeanftError(f"{run_dir} holds no complete checkpoint to resume from: drop resume=true")
+        return run_dir
+    if (run_dir / SUMMARY_FILE).is_file() and not config.overwrite:
+        raise LeanftError(f"{run_dir} holds a finished run: pass overwrite=true or choose another output_dir")
+    if has_content and not config.overwrite:
+        raise LeanftError(f"{run_dir} is not empty: pass resume=true to continue the run in it, or overwrite=true")
+    if has_content:
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records) from the built-in task or JSONL files."""
+    if config.data == "builtin":
+        return builtin_task(seed=config.seed, n_train=config.num_train, n_eval=config.num_eval)
+    records = load_jsonl_examples(config.data)
+    if config.eval_data is not None:
+        return records, load_jsonl_examples(config.eval_data)[: config.num_eval]
+    held = max(1, min(config.num_eval, len(records) // 20))
+    if len(records) < 2:
+        raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
+    return records[:-held], records[-held:]
+
+
+def use_bf16(config: TrainConfig) -> bool:
+    """bf16 mixed precision: on when asked, or with 'auto' where a GPU supports it."""
+    if config.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return config.bf16 == "true"
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
+    """The ``TrainingArguments`` for a run (checkpoints in the run folder, no external reporting)."""
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate(),
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=round(config.warmup_ratio * config.max_steps),
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=use_bf16(config),
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=True if dropbp_on else None,
+    )
+
+
+def _baseline(run_dir: Path, model, tokenizer, records, features, config: TrainConfig) -> dict:
+    """Held-out metrics of the untrained model, computed once per run folder."""
+    path = run_dir / BASELINE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    baseline = evaluate(model, tokenizer, records, features, config.max_new_tokens)
+    write_json(path, baseline)
+    return baseline
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune as ``config`` says; returns the summary also written to ``summary.json``."""
+    run_dir = prepare_run_dir(config.validate())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / RUN_CONFIG_FILE) as temporary:
+        temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    transformers.set_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    train_records, eval_records = load_records(config)
+    features = tokenize_dataset(train_records, tokenizer, config.max_seq_len, config.packing)
+    eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
+    before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config)
+
+    model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
+    controller = attach_dropbp(model, config.dropbp.rate, config.seed)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    collator = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    callbacks = [RunLogCallback(run_dir), InterruptCallback()]
+    if controller is not None:
+        allocation = collator(features[: config.dropbp.allocation_samples])
+        allocation = {key: value.to(next(model.parameters()).device) for key, value in allocation.items()}
+        callbacks.append(DropBPCallback(controller, config.dropbp.allocate_at, allocation))
+        logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
+    trainer = LeanftTrainer(
+        model=model,
+        args=training_arguments(config, run_dir, controller is not None),
+        train_dataset=features,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    resume_from = last_complete_checkpoint(run_dir) if config.resume else None
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if callbacks[1].interrupted:
+        raise KeyboardInterrupt(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {run_dir}")
+    if not trainer.args.should_save:
+        return {}
+
+    with atomic_dir(run_dir / ADAPTER_DIR) as folder:
+        save_trained(model, config.method, folder)
+    after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens)
+    summary = {
+        "method": config.method,
+        "dropbp_rate": config.dropbp.rate,
+        "dropbp_rates": controller.rates if controller is not None else None,
+        "steps": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(callbacks[0].tokens_per_second(trainer.state), 1),
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "heldout_loss_before": before["loss"],
+        "heldout_loss_after": after["loss"],
+        "num_eval": len(eval_records),
+    }
+    plot_loss_curve(run_dir, title=f"{config.method} + DropBP {config.dropbp.rate}")
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[torch.nn.Module, object, TrainConfig]:
+    """(trained model, tokenizer, config) of a finished run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG_FILE).is_file() or not (run_dir / ADAPTER_DIR).is_dir():
+        raise LeanftError(f"{run_dir} is not a finished leanft run (no {RUN_CONFIG_FILE} and {ADAPTER_DIR}/)")
+    config = load_config(run_dir / RUN_CONFIG_FILE)
+    base, tokenizer = load_model_and_tokenizer(config.model, device=device)
+    return load_trained(base, config.method, run_dir / ADAPTER_DIR), tokenizer, config
