@@ -144,9 +144,10 @@ def test_realised_average_drop_rate_matches_target():
     assert abs(realised - 0.5) < 0.02, realised
 
 
+@pytest.mark.parametrize("method", ["full", "paca"])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(reentrant, batch):
-    model = tiny_model("llama")
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant, method, batch):
+    model = tiny_model("llama") if method == "full" else leanft.apply_paca(tiny_model("llama"), r=4)
     checkpointed = copy.deepcopy(model)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     ctrl = leanft.apply_dropbp(model, drop_rate=0.5, seed=1)
