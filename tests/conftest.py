@@ -54,3 +54,50 @@ def tiny_batch(batch: int = 2, length: int = 12, seed: int = 0) -> dict[str, tor
 def batch() -> dict[str, torch.Tensor]:
     """A small training batch for tiny models."""
     return tiny_batch()
+
+
+# --------------------------------------------------------------------------- tiny offline tokenizers (data tests)
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_TEXTS = [
+    "What is the capital of France? Paris.",
+    "Rewrite the date 14 March 2021 as 2021-03-14.",
+    "### Instruction:\n### Response:\nuser assistant system",
+]
+
+
+def make_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few strings (no download) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TOKENIZER_TEXTS, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Tiny offline tokenizer with a ChatML chat template."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Tiny offline tokenizer without a chat template (exercises the plain-text fallback)."""
+    return make_tiny_tokenizer(chat_template=None)

@@ -17,7 +17,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from leanft.distributed import is_distributed, squared_norm
 from leanft.dropbp import MAX_RATE, DropBP, check_rate
 from leanft.errors import LeanftError
 
@@ -52,12 +54,16 @@ def _gradients(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], patter
         loss = ctrl.model(**batch).loss
     if loss is None:
         raise LeanftError("allocation needs a batch with labels (the model returned no loss)")
+    if is_distributed() and not any(isinstance(param, DTensor) for param in params):
+        # Under DDP a .backward() outside its forward would mark parameters as used and break its next step;
+        # autograd.grad runs no gradient-accumulation hook. (FSDP2's sharded parameters need .backward().)
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
     loss.backward()
     return [None if param.grad is None else param.grad.detach().clone() for param in params]
 
 
 def _difference_norm(reference: list, other: list) -> float:
-    total = 0.0
+    differences = []
     for ref, grad in zip(reference, other, strict=True):
         if ref is None and grad is None:
             continue
@@ -65,8 +71,8 @@ def _difference_norm(reference: list, other: list) -> float:
             ref = torch.zeros_like(grad)
         if grad is None:
             grad = torch.zeros_like(ref)
-        total += float((ref.float() - grad.float()).pow(2).sum())
-    return total**0.5
+        differences.append(ref.float() - grad.float())
+    return squared_norm(differences) ** 0.5
 
 
 def measure_sensitivities(ctrl: DropBP, batch: dict) -> list[float]:

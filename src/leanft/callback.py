@@ -21,19 +21,11 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from leanft.distributed import broadcast_from_main, prepare_distributed_dropbp
 from leanft.dropbp import DropBP
 from leanft.errors import LeanftError
 
 logger = logging.getLogger(__name__)
-
-
-def _broadcast_from_rank0(value: object) -> object:
-    """``value`` as rank 0 has it, on every rank (unchanged when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _first_batch(loader) -> dict:
@@ -71,7 +63,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         return round(self.allocate_at * state.max_steps)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Restore the controller's state when the Trainer resumed from a checkpoint that holds it."""
+        """Restore the controller's state on resume; check a distributed run's DDP settings and DropBP state."""
         if self.controller is None:
             raise LeanftError("DropBPCallback needs the controller returned by leanft.apply_dropbp")
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -79,6 +71,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self.controller.load_state_dict(saved["attributes"]["dropbp"])
             self.allocated = bool(saved["attributes"].get("allocated"))
             logger.info("DropBP state restored at step %d (rates %s)", state.global_step, self.controller.rates)
+        prepare_distributed_dropbp(self.controller, args, kwargs["model"])
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Run the allocation once the configured share of training is done."""
@@ -87,6 +80,6 @@ class DropBPCallback(TrainerCallback, ExportableState):
             return
         batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(kwargs["train_dataloader"])
         rates = self.controller.allocate(batch)
-        self.controller.set_rates(_broadcast_from_rank0(rates))
+        self.controller.set_rates(broadcast_from_main(rates))
         self.allocated = True
         logger.info("DropBP allocation at step %d: rates %s", state.global_step, self.controller.rates)

@@ -142,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``leanft`` command; returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch: log once, from rank 0
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

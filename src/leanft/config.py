@@ -58,6 +58,8 @@ class TrainConfig:
     max_seq_len: int = doc("tokens per example (longer ones are truncated) or per packed block", 256)
     packing: bool = doc("concatenate examples into max_seq_len blocks", False)
     gradient_checkpointing: bool = doc("recompute activations in backward (non-reentrant)", False)
+    fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
+    ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
     bf16: str = doc("auto | true | false: bf16 mixed precision (auto = on where a GPU supports it)", "auto")
     seed: int = doc("seed of data order, PaCA columns and DropBP patterns", 0)
     num_train: int = doc("built-in task: training examples", 2000)
@@ -82,6 +84,10 @@ class TrainConfig:
             raise LeanftError(f"dropbp.rate must be in [0, 1) (0 = off), got {self.dropbp.rate}")
         if self.dropbp.allocate_at is not None and not 0.0 <= self.dropbp.allocate_at <= 1.0:
             raise LeanftError(f"dropbp.allocate_at must be in [0, 1] or null, got {self.dropbp.allocate_at}")
+        if self.ddp_timeout < 1:
+            raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
+        if self.fsdp and self.resume:
+            raise LeanftError("resume=true is not supported with fsdp=true (its checkpoints hold no optimizer state)")
         for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -107,13 +107,21 @@ class DropBP:
             self.step += 1
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
-        """Keep ``loss.backward()`` callable when the step dropped every trainable path."""
+        """Keep ``loss.backward()`` callable when the step dropped every trainable path.
+
+        The graph-less loss becomes ``loss + anchor`` (a fresh zero leaf): a non-leaf, so in-place scaling
+        (``Trainer`` does ``loss *= ...``) stays legal, and its backward reaches no parameter.
+        """
         if not self._active:
             return output
         for key in ("loss", "logits"):
             value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
-            if isinstance(value, torch.Tensor) and value.is_leaf and not value.requires_grad:
-                value.requires_grad_(True)
+            if isinstance(value, torch.Tensor) and not value.requires_grad:
+                anchored = value + torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
+                if isinstance(output, dict):
+                    output[key] = anchored
+                else:
+                    setattr(output, key, anchored)
         return output
 
     def sample(self, step: int) -> list[bool]:

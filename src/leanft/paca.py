@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leanft.distributed import full_tensor, is_main_process
 from leanft.errors import LeanftError
 from leanft.fileio import atomic_path, write_json
 
@@ -217,17 +218,23 @@ def paca_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def save_paca(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapter folder (``paca_adapter.safetensors`` + ``paca_config.json``) atomically."""
+    """Write the adapter folder (``paca_adapter.safetensors`` + ``paca_config.json``) atomically.
+
+    In a distributed run call it on every rank: FSDP2-sharded columns are gathered (a collective) and only
+    rank 0 writes, so the full adapter is written once.
+    """
     modules = paca_modules(model)
     if not modules:
         raise LeanftError("the model has no PaCA layers to save; call apply_paca first")
     tensors = {}
     for name, module in modules.items():
         tensors[f"{name}.paca_index"] = module.paca_index.detach().cpu().contiguous()
-        tensors[f"{name}.paca_weight"] = module.paca_weight.detach().cpu().contiguous()
+        tensors[f"{name}.paca_weight"] = full_tensor(module.paca_weight.detach()).cpu().contiguous()
         if module.bias is not None and module.bias.requires_grad:
-            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+            tensors[f"{name}.bias"] = full_tensor(module.bias.detach()).cpu().contiguous()
     folder = Path(path)
+    if not is_main_process():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / ADAPTER_FILE) as temporary:
         save_file(tensors, str(temporary), metadata={"format": "pt"})

@@ -25,6 +25,16 @@ from transformers import Trainer, TrainingArguments
 from leanft.callback import DropBPCallback
 from leanft.config import TrainConfig, config_to_dict, load_config
 from leanft.data import builtin_task, collate, load_jsonl_examples, tokenize_dataset
+from leanft.distributed import (
+    full_state_dict,
+    init_distributed,
+    is_fsdp2,
+    is_main_process,
+    run_on_main,
+    shard_for_trainer,
+    shared_atomic_dir,
+    world_size,
+)
 from leanft.errors import LeanftError
 from leanft.evaluate import evaluate
 from leanft.fileio import atomic_dir, atomic_path, write_json
@@ -45,10 +55,12 @@ class LeanftTrainer(Trainer):
     """``Trainer`` that checkpoints PaCA models as adapters and marks checkpoints complete."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not paca_modules(self.model):
-            return super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            save_paca(self.model, output_dir or self.args.output_dir)
+        if paca_modules(self.model):
+            save_paca(self.model, output_dir or self.args.output_dir)  # every rank: FSDP2 gathers; rank 0 writes
+            return
+        if state_dict is None and is_fsdp2(self.model):
+            state_dict = full_state_dict(self.model)  # every rank joins the gathers; rank 0 gets the tensors
+        super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = model if model is not None else self.model
@@ -87,9 +99,16 @@ def prepare_run_dir(config: TrainConfig) -> Path:
         raise LeanftError(f"{run_dir} holds a finished run: pass overwrite=true or choose another output_dir")
     if has_content and not config.overwrite:
         raise LeanftError(f"{run_dir} is not empty: pass resume=true to continue the run in it, or overwrite=true")
-    if has_content:
-        shutil.rmtree(run_dir)
     return run_dir
+
+
+def start_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Create the run folder (emptied first for ``overwrite=true``) and record the config in it."""
+    if config.overwrite and not config.resume and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / RUN_CONFIG_FILE) as temporary:
+        temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -133,7 +152,11 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=True if dropbp_on else None,
+        ddp_timeout=config.ddp_timeout,
+        use_cpu=not torch.cuda.is_available() and world_size() > 1,  # else accelerate runs no DDP on CPU
+        save_only_model=config.fsdp,  # transformers checkpoints no optimizer state of a model sharded by us
     )
 
 
@@ -147,30 +170,38 @@ def _baseline(run_dir: Path, model, tokenizer, records, features, config: TrainC
     return baseline
 
 
-def train(config: TrainConfig) -> dict:
-    """Fine-tune as ``config`` says; returns the summary also written to ``summary.json``."""
-    run_dir = prepare_run_dir(config.validate())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / RUN_CONFIG_FILE) as temporary:
-        temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+def train(config: TrainConfig, callbacks: list | None = None) -> dict:
+    """Fine-tune as ``config`` says; returns the summary also written to ``summary.json``.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer.
+    """
+    config.validate()
+    init_distributed(config.ddp_timeout)
+    run_dir = run_on_main(lambda: prepare_run_dir(config))  # rank 0 checks, every rank gets the folder
     transformers.set_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model)
     train_records, eval_records = load_records(config)
+    model, tokenizer = load_model_and_tokenizer(config.model)
     features = tokenize_dataset(train_records, tokenizer, config.max_seq_len, config.packing)
     eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
-    before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config)
+    if is_main_process():  # only now that every input is known good
+        start_run_dir(run_dir, config)
+    before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config) if is_main_process() else {}
 
     model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
     controller = attach_dropbp(model, config.dropbp.rate, config.seed)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.fsdp:
+        shard_for_trainer(model)
     collator = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
-    callbacks = [RunLogCallback(run_dir), InterruptCallback()]
+    run_log, interrupt = RunLogCallback(run_dir), InterruptCallback()
+    callbacks = [run_log, interrupt, *(callbacks or [])]
     if controller is not None:
         allocation = collator(features[: config.dropbp.allocation_samples])
         allocation = {key: value.to(next(model.parameters()).device) for key, value in allocation.items()}
         callbacks.append(DropBPCallback(controller, config.dropbp.allocate_at, allocation))
-        logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
+        if world_size() > 1 and not config.fsdp:
+            logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
     trainer = LeanftTrainer(
         model=model,
         args=training_arguments(config, run_dir, controller is not None),
@@ -182,13 +213,19 @@ def train(config: TrainConfig) -> dict:
     resume_from = last_complete_checkpoint(run_dir) if config.resume else None
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
-    if callbacks[1].interrupted:
+    if interrupt.interrupted:
         raise KeyboardInterrupt(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {run_dir}")
-    if not trainer.args.should_save:
+    if config.fsdp:  # every rank joins the gathers of the shards, rank 0 writes and evaluates an unsharded copy
+        with shared_atomic_dir(run_dir / ADAPTER_DIR) as folder:
+            trainer.save_model(str(folder))
+        if not trainer.args.should_save:
+            return {}
+        model = load_trained(load_model_and_tokenizer(config.model)[0], config.method, run_dir / ADAPTER_DIR)
+    elif not trainer.args.should_save:
         return {}
-
-    with atomic_dir(run_dir / ADAPTER_DIR) as folder:
-        save_trained(model, config.method, folder)
+    else:
+        with atomic_dir(run_dir / ADAPTER_DIR) as folder:
+            save_trained(model, config.method, folder)
     after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens)
     summary = {
         "method": config.method,
@@ -196,7 +233,7 @@ def train(config: TrainConfig) -> dict:
         "dropbp_rates": controller.rates if controller is not None else None,
         "steps": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
-        "tokens_per_s": round(callbacks[0].tokens_per_second(trainer.state), 1),
+        "tokens_per_s": round(run_log.tokens_per_second(trainer.state), 1),
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "heldout_loss_before": before["loss"],

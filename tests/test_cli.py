@@ -1,0 +1,162 @@
+"""End-to-end `leanft` commands on a tiny random model and tiny data: artifacts, resume, merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from leanft.cli import main
+from leanft.config import load_config
+from leanft.train import load_run, train
+
+TINY_ARGS = ["max_steps=6", "batch_size=4", "save_steps=3", "num_eval=4", "max_new_tokens=6", "logging_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama + tokenizer saved as a local HF folder."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 instruction records in JSONL."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = [json.dumps({"instruction": f"Add one to {i}.", "output": str(i + 1)}) for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_args(model_dir, data_file, run_dir, *extra):
+    return ["train", f"model={model_dir}", f"data={data_file}", f"output_dir={run_dir}", *TINY_ARGS, *extra]
+
+
+def test_train_writes_every_artifact(model_dir, data_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, "dropbp.allocate_at=0.34")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["steps"] == 6 and summary["wall_time_s"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["dropbp_rates"] and summary["dropbp_rates"] != [0.5] * 4  # allocation ran at step 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(load_file(run_dir / "adapter" / "paca_adapter.safetensors"))
+    assert (run_dir / "checkpoint-6" / "leanft_complete").is_file()
+    assert load_config(run_dir / "run_config.yaml").method == "paca"
+
+
+class InterruptAt(TrainerCallback):
+    """Sends this process SIGINT while optimizer step ``step`` runs, as Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path):
+    extra = ("dropbp.allocate_at=0.34",)
+    assert main(run_args(model_dir, data_file, tmp_path / "straight", *extra)) == 0
+    interrupted = load_config(None, run_args(model_dir, data_file, tmp_path / "resumed", *extra)[1:])
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, callbacks=[InterruptAt(4)])
+    assert (tmp_path / "resumed" / "checkpoint-4" / "leanft_complete").is_file()
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    assert main(run_args(model_dir, data_file, tmp_path / "resumed", *extra, "resume=true")) == 0
+
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert resumed["dropbp_rates"] == straight["dropbp_rates"] and resumed["steps"] == 6
+    expected = load_file(tmp_path / "straight" / "adapter" / "paca_adapter.safetensors")
+    actual = load_file(tmp_path / "resumed" / "adapter" / "paca_adapter.safetensors")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method", ["paca", "lora"])
+def test_merge_output_loads_in_plain_transformers_with_the_same_logits(model_dir, data_file, tmp_path, method):
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, f"method={method}", "lr=0.01", "dropbp.rate=0.25")) == 0
+    assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
+    tuned, _, _ = load_run(run_dir)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        expected = tuned.eval()(input_ids=ids).logits
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(base(input_ids=ids).logits, expected)
+
+
+def test_eval_and_generate_on_a_run(model_dir, data_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, "max_steps=2", "method=full")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss"] > 0 and report["perplexity"] > 1 and 0.0 <= report["accuracy"] <= 1.0
+    assert main(["generate", str(run_dir), "Add one to 3.", "--max-new-tokens", "3"]) == 0
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("leanft: error: "), err
+    return err[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(model_dir, data_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = [
+        ([f"model={tmp_path / 'missing'}", f"data={data_file}"], "not found"),
+        ([f"model={model_dir}", f"data={tmp_path / 'missing.jsonl'}"], "does not exist"),
+        ([f"model={model_dir}", f"data={bad}"], "bad.jsonl:2"),
+        ([f"model={model_dir}", f"data={empty}"], "no examples"),
+        ([f"model={model_dir}", "colour=blue"], "unknown config key 'colour'"),
+        ([f"model={model_dir}", "dropbp.rate=1.5"], "dropbp.rate"),
+    ]
+    for args, message in cases:
+        assert main(["train", *args, f"output_dir={tmp_path / 'out'}"]) == 2, args
+        assert message in one_line_error(capsys)
+
+
+def test_a_finished_run_is_never_overwritten_without_overwrite(model_dir, data_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, "max_steps=2")) == 0
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(run_args(model_dir, data_file, run_dir, "max_steps=2")) == 2
+    assert "overwrite=true" in one_line_error(capsys)
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert main(["merge", str(run_dir), str(run_dir)]) == 2
+    assert "--overwrite" in one_line_error(capsys)
+    assert main(run_args(model_dir, data_file, run_dir, "max_steps=2", "overwrite=true")) == 0
