@@ -91,6 +91,26 @@ def make_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transfor
     return tokenizer
 
 
+def save_tiny_llama(folder, hidden_size: int = 32, intermediate_size: int = 48) -> None:
+    """Save a tiny random Llama with the tiny chat tokenizer (``make_tiny_tokenizer``) as a local HF folder."""
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Tiny offline tokenizer with a ChatML chat template."""

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
+from conftest import save_tiny_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from leanft.cli import main
 from leanft.config import load_config
@@ -22,22 +22,7 @@ TINY_ARGS = ["max_steps=6", "batch_size=4", "save_steps=3", "num_eval=4", "max_n
 def model_dir(tmp_path_factory):
     """A tiny random Llama + tokenizer saved as a local HF folder."""
     folder = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama(folder)
     return folder
 
 

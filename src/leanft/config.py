@@ -33,7 +33,7 @@ class DropBPConfig:
         "fraction of training after which sensitivity-based allocation sets per-branch rates; null = keep uniform",
         0.1,
     )
-    allocation_samples: int = doc("training examples used to measure branch sensitivities", 8)
+    allocation_samples: int = doc("examples for the sensitivity measurement (one forward+backward per branch)", 2)
 
 
 @dataclass
@@ -58,6 +58,11 @@ class TrainConfig:
     max_seq_len: int = doc("tokens per example (longer ones are truncated) or per packed block", 256)
     packing: bool = doc("concatenate examples into max_seq_len blocks", False)
     gradient_checkpointing: bool = doc("recompute activations in backward (non-reentrant)", False)
+    quantize: str | None = doc("null | 4bit: frozen base in bitsandbytes nf4 (QPaCA / QLoRA; needs bitsandbytes)", None)
+    chunked_loss: bool = doc(
+        "LM head + cross-entropy over token chunks, never the full logits (exact; off where the head does not allow)",
+        True,
+    )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
     bf16: str = doc("auto | true | false: bf16 mixed precision (auto = on where a GPU supports it)", "auto")
@@ -91,6 +96,16 @@ class TrainConfig:
         for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quantize not in (None, "4bit"):
+            raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
+        if self.quantize and self.method == "full":
+            raise LeanftError("quantize=4bit freezes the base: use method=paca (QPaCA) or method=lora (QLoRA)")
+        if self.quantize and self.fsdp:
+            raise LeanftError("quantize=4bit is not supported with fsdp=true")
+        if self.quantize:
+            from leanft.quant import require_bitsandbytes
+
+            require_bitsandbytes()
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         return self

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from leanft.dropbp import DropBP, apply_dropbp
 from leanft.errors import LeanftError
 from leanft.paca import apply_paca, load_paca, merge_paca, paca_modules, save_paca
+from leanft.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
 
 ADAPTER_DIR = "adapter"
 
@@ -28,8 +29,16 @@ def parse_target_modules(text: str) -> str | list[str]:
 def attach_method(
     model: PreTrainedModel, method: str, r: int, target_modules: str, seed: int, lora_alpha: int = 16
 ) -> nn.Module:
-    """Make ``model`` trainable by ``method`` ('paca', 'lora' or 'full'); returns the model to train."""
+    """Make ``model`` trainable by ``method`` ('paca', 'lora' or 'full'); returns the model to train.
+
+    On a 4-bit model (``quantize=4bit``) 'paca' is QPaCA and 'lora' is QLoRA, both after peft's
+    ``prepare_model_for_kbit_training``; 'full' is refused.
+    """
     targets = parse_target_modules(target_modules)
+    if is_quantized(model):
+        if method == "full":
+            raise LeanftError("a 4-bit base cannot be fully fine-tuned: use method=paca (QPaCA) or method=lora (QLoRA)")
+        model = prepare_quantized(model)
     if method == "paca":
         return apply_paca(model, r=r, target_modules=targets, seed=seed)
     if method == "lora":
@@ -72,7 +81,12 @@ def load_trained(base: PreTrainedModel, method: str, folder: str | Path) -> nn.M
 
 
 def merged(model: nn.Module) -> PreTrainedModel:
-    """A plain transformers model with the adapter (PaCA or LoRA) written into its weights."""
+    """A plain transformers model with the adapter (PaCA or LoRA) written into its weights.
+
+    A 4-bit base comes back in full precision (``dequant(W)`` plus the adapter, exactly the trained model); it is
+    never re-quantized, which would round the trained weights to 4 bits (lossy).
+    """
     if isinstance(model, peft.PeftModel):
-        return model.merge_and_unload()
-    return merge_paca(model)
+        return merge_qlora(model) if is_quantized(model) else model.merge_and_unload()
+    model = merge_paca(model)
+    return dequantize_model(model) if is_quantized(model) or getattr(model, "hf_quantizer", None) else model

@@ -64,12 +64,14 @@ def convert_gguf(gguf_path: str | Path, target: str | Path | None = None) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        from transformers import GgufConfig
-
         folder, name = str(gguf_path.parent), gguf_path.name
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-        )
+        try:  # transformers >= 5.2x: GGUF weights stay packed unless asked to dequantize
+            from transformers import GgufConfig
+
+            extra = {"quantization_config": GgufConfig(dequantize=True)}
+        except ImportError:  # older releases always dequantize GGUF files
+            extra = {}
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **extra)
         if getattr(model, "hf_quantizer", None) is not None:  # plain weights now: save them as such
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -116,18 +118,28 @@ def load_model_and_tokenizer(
     spec: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a spec (see ``resolve_model_path``).
 
     ``dtype`` is a torch dtype or its name (``"bfloat16"``, ``"auto"``); ``device`` defaults to CUDA when
-    available, else CPU. The tokenizer always has a pad token (its EOS token when it had none).
+    available, else CPU. ``quantize="4bit"`` loads the linear layers as bitsandbytes nf4 (see ``leanft.quant``;
+    None or "none": not quantized).
+    The tokenizer always has a pad token (its EOS token when it had none).
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized = {}
+    if quantize not in (None, "none"):
+        from leanft.quant import quantization_config
+
+        quantized = {"quantization_config": quantization_config(quantize, device), "device_map": torch.device(device)}
     source = resolve_model_path(spec)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantized)
     except OSError as error:
         if isinstance(source, Path):
             raise
@@ -138,8 +150,10 @@ def load_model_and_tokenizer(
     ensure_pad_token(tokenizer)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if quantized:
+        from leanft.quant import settle_4bit_model
+
+        return settle_4bit_model(model), tokenizer
     return model.to(device), tokenizer
 
 

@@ -23,6 +23,7 @@ import yaml
 from transformers import Trainer, TrainingArguments
 
 from leanft.callback import DropBPCallback
+from leanft.chunked_loss import chunked_loss_for
 from leanft.config import TrainConfig, config_to_dict, load_config
 from leanft.data import builtin_task, collate, load_jsonl_examples, tokenize_dataset
 from leanft.distributed import (
@@ -41,6 +42,7 @@ from leanft.fileio import atomic_dir, atomic_path, write_json
 from leanft.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, save_trained
 from leanft.models import load_model_and_tokenizer
 from leanft.paca import load_paca, paca_modules, save_paca
+from leanft.quant import trainer_accepts
 from leanft.runlog import InterruptCallback, RunLogCallback, plot_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,27 @@ COMPLETE_MARKER = "leanft_complete"
 
 
 class LeanftTrainer(Trainer):
-    """``Trainer`` that checkpoints PaCA models as adapters and marks checkpoints complete."""
+    """``Trainer`` that checkpoints PaCA models as adapters and marks checkpoints complete.
+
+    ``chunked_loss=True`` computes the training loss with ``leanft.chunked_loss`` (same value and gradients, never
+    the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
+    gradient-accumulation and multi-process token counting apply unchanged.
+    """
+
+    def __init__(self, *args, chunked_loss: bool = False, **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
+        if self.chunked is not None and kwargs.get("compute_loss_func") is None:
+            kwargs["compute_loss_func"] = self.chunked
+        with trainer_accepts(model):  # a 4-bit base with QPaCA layers
+            super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``Trainer.compute_loss``, with the head returning hidden states for the chunked loss while training."""
+        if self.chunked is None or return_outputs or self.compute_loss_func is not self.chunked:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.chunked.capturing(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if paca_modules(self.model):
@@ -180,7 +202,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
     run_dir = run_on_main(lambda: prepare_run_dir(config))  # rank 0 checks, every rank gets the folder
     transformers.set_seed(config.seed)
     train_records, eval_records = load_records(config)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     features = tokenize_dataset(train_records, tokenizer, config.max_seq_len, config.packing)
     eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
     if is_main_process():  # only now that every input is known good
@@ -208,6 +230,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
         train_dataset=features,
         data_collator=collator,
         callbacks=callbacks,
+        chunked_loss=config.chunked_loss and not config.fsdp,
     )
     started = time.perf_counter()
     resume_from = last_complete_checkpoint(run_dir) if config.resume else None
@@ -251,5 +274,5 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[torch.nn.M
     if not (run_dir / RUN_CONFIG_FILE).is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise LeanftError(f"{run_dir} is not a finished leanft run (no {RUN_CONFIG_FILE} and {ADAPTER_DIR}/)")
     config = load_config(run_dir / RUN_CONFIG_FILE)
-    base, tokenizer = load_model_and_tokenizer(config.model, device=device)
+    base, tokenizer = load_model_and_tokenizer(config.model, device=device, quantize=config.quantize)
     return load_trained(base, config.method, run_dir / ADAPTER_DIR), tokenizer, config

@@ -1,0 +1,247 @@
+"""Numbers and text of ``leanft bench``: methods, ratios to LoRA, the DropBP cost model, targets, the markdown table.
+
+Everything here is pure (no models, no processes), so it is tested directly on made-up measurements.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+BASE_LABELS = {"lora": "peft LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA (nf4)", "qpaca": "QPaCA (nf4)"}
+SHORT_LABELS = {"lora": "LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA", "qpaca": "QPaCA"}
+BASELINE = "lora"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: a base method, optionally with DropBP at ``rate`` or with every branch dropped,
+    optionally with the chunked loss (``leanft.chunked_loss``)."""
+
+    base: str
+    rate: float = 0.0
+    floor: bool = False
+    chunked: bool = False
+
+    @property
+    def key(self) -> str:
+        """Stable identifier, e.g. ``paca``, ``paca+dropbp0.5``, ``paca+floor``, ``qpaca+dropbp0.5+chunked``."""
+        suffix = "+chunked" if self.chunked else ""
+        if self.floor:
+            return f"{self.base}+floor{suffix}"
+        return (f"{self.base}+dropbp{self.rate:g}" if self.rate else self.base) + suffix
+
+    @property
+    def label(self) -> str:
+        """Human-readable name for tables and charts."""
+        chunked = " + chunked loss" if self.chunked else ""
+        if self.floor:
+            return f"{SHORT_LABELS[self.base]} floor (all dropped){chunked}"
+        if self.rate:
+            return f"{SHORT_LABELS[self.base]} + DropBP {self.rate:g}{chunked}"
+        return BASE_LABELS[self.base] + chunked + (" (baseline)" if self.base == BASELINE and not chunked else "")
+
+    @property
+    def uses_dropbp(self) -> bool:
+        """Whether the method needs a DropBP controller."""
+        return self.floor or self.rate > 0
+
+
+def build_methods(bases: Sequence[str], rates: Sequence[float], chunked: bool = False) -> list[Method]:
+    """Table order: plain methods, then each base with DropBP at every rate, then each base's floor; with
+    ``chunked``, then every one of those but the floors again with the chunked loss."""
+    methods = [Method(base) for base in bases]
+    methods += [Method(base, rate) for base in bases for rate in rates]
+    if rates:
+        methods += [Method(base, floor=True) for base in bases]
+    if chunked:
+        methods += [Method(m.base, m.rate, chunked=True) for m in methods if not m.floor]
+    return methods
+
+
+def parse_method_keys(text: str, methods: Sequence[Method]) -> list[Method]:
+    """Methods named in a comma-separated list of keys (``all`` = every method, ``none`` = no method)."""
+    if text.strip() in ("", "none"):
+        return []
+    by_key = {method.key: method for method in methods}
+    if text.strip() == "all":
+        return list(methods)
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in by_key]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(by_key)}")
+    return [by_key[key] for key in keys]
+
+
+# -- ratios and the DropBP cost model ---------------------------------------------------------------------
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def paired_ratio(values: Sequence[float], baseline: Sequence[float]) -> float | None:
+    """Median over rounds of ``values[k] / baseline[k]``: each round's ratio is taken on back-to-back steps."""
+    return median_or_none([v / b for v, b in zip(values, baseline, strict=False) if b > 0])
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    """``value / baseline``, or None when either is missing or the baseline is not positive."""
+    if value is None or baseline is None or baseline <= 0:
+        return None
+    return value / baseline
+
+
+def interpolated_time(nodrop: float, floor: float, dropped: float) -> float:
+    """DropBP cost model: only dropped branches' backward is saved, so time falls linearly to the floor."""
+    return nodrop - dropped * (nodrop - floor)
+
+
+def interpolation_ratio(steps: Sequence[dict], nodrop: Sequence[dict], floor: Sequence[dict]) -> float | None:
+    """Median over rounds of measured step time / the cost model at that step's realised drop fraction."""
+    ratios = [
+        step["seconds"] / interpolated_time(full["seconds"], empty["seconds"], step["dropped"])
+        for step, full, empty in zip(steps, nodrop, floor, strict=False)
+    ]
+    return median_or_none(ratios)
+
+
+def summarize(
+    methods: Sequence[Method],
+    timing: dict[str, list[dict]],
+    memory: dict[str, dict],
+    max_len: dict[str, dict],
+    tokens_per_step: int,
+) -> list[dict]:
+    """One row per method: medians, ratios to LoRA, cost-model check, memory and max-length figures."""
+    base_steps = timing.get(BASELINE, [])
+    base_memory = memory.get(BASELINE, {})
+    base_len = max_len.get(BASELINE, {}).get("max_len")
+    rows = []
+    for method in methods:
+        steps = timing.get(method.key, [])
+        seconds = median_or_none([step["seconds"] for step in steps])
+        mem = memory.get(method.key, {})
+        row = {
+            "key": method.key,
+            "label": method.label,
+            "base": method.base,
+            "rate": method.rate,
+            "floor": method.floor,
+            "step_s": seconds,
+            "tokens_per_s": tokens_per_step / seconds if seconds else None,
+            "time_ratio": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in base_steps]),
+            "cpu_s": median_or_none([s.get("cpu_seconds") for s in steps]),  # process CPU time (see bench_worker)
+            "dropped": statistics.fmean(s["dropped"] for s in steps) if steps else None,
+            "vs_interp": None,
+            "peak": mem.get("peak"),
+            "peak_ratio": ratio(mem.get("peak"), base_memory.get("peak")),
+            "train_peak": mem.get("train_peak"),
+            "saved": mem.get("saved"),
+            "mem_dropped": mem.get("dropped"),
+            "max_len": max_len.get(method.key, {}).get("max_len"),
+            "len_ratio": ratio(max_len.get(method.key, {}).get("max_len"), base_len),
+        }
+        if method.rate and not method.floor and not method.chunked:
+            row["vs_interp"] = interpolation_ratio(
+                steps, timing.get(method.base, []), timing.get(Method(method.base, floor=True).key, [])
+            )
+        rows.append(row)
+    return rows
+
+
+# -- targets -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A claim from issue #4: ``metric`` of method ``key`` at most (or at least) ``bound``."""
+
+    text: str
+    key: str  # a method key, or "*dropbp" for every DropBP method
+    metric: str
+    bound: float
+    at_least: bool = False
+
+
+TARGETS = (
+    Target("PaCA step time <= 0.70x LoRA", "paca", "time_ratio", 0.70),
+    Target("LoRA + DropBP 0.5 step time <= 0.55x LoRA", "lora+dropbp0.5", "time_ratio", 0.55),
+    Target("PaCA + DropBP 0.5 step time <= 0.45x LoRA", "paca+dropbp0.5", "time_ratio", 0.45),
+    Target("PaCA peak memory <= 0.90x LoRA", "paca", "peak_ratio", 0.90),
+    Target("PaCA + DropBP 0.5 peak memory <= 0.75x LoRA", "paca+dropbp0.5", "peak_ratio", 0.75),
+    Target("PaCA + DropBP 0.5 max sequence length >= 1.5x LoRA", "paca+dropbp0.5", "len_ratio", 1.5, at_least=True),
+    Target("every DropBP step <= 1.15x the no-drop/floor interpolation", "*dropbp", "vs_interp", 1.15),
+    # issue #7: the memory stack (4-bit base, DropBP, chunked loss)
+    Target("QPaCA peak memory <= 0.5x LoRA", "qpaca", "peak_ratio", 0.5),
+    Target("QPaCA + chunked loss peak memory <= 0.5x LoRA", "qpaca+chunked", "peak_ratio", 0.5),
+    Target(
+        "QPaCA + DropBP 0.5 + chunked loss max sequence length >= 3x LoRA",
+        "qpaca+dropbp0.5+chunked", "len_ratio", 3.0, at_least=True,
+    ),
+    Target(
+        "QPaCA + DropBP 0.5 + chunked loss step time <= LoRA's (at LoRA's max length)",
+        "qpaca+dropbp0.5+chunked", "time_ratio", 1.0,
+    ),
+)
+
+
+def check_targets(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> list[dict]:
+    """Each target with the measured value(s) and whether it is met (None when not measured in this run)."""
+    results = []
+    for target in targets:
+        if target.key == "*dropbp":
+            chosen = [row for row in rows if row["rate"] and not row["floor"]]
+        else:
+            chosen = [row for row in rows if row["key"] == target.key]
+        values = {row["key"]: row.get(target.metric) for row in chosen if row.get(target.metric) is not None}
+        met = None
+        if values:
+            worst = min(values.values()) if target.at_least else max(values.values())
+            met = worst >= target.bound if target.at_least else worst <= target.bound
+        results.append({"target": target.text, "values": values, "met": met})
+    return results
+
+
+# -- text ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("method", lambda r: r["label"]),
+    ("step (s)", lambda r: _fmt(r["step_s"], ".3f")),
+    ("tokens/s", lambda r: _fmt(r["tokens_per_s"], ",.0f")),
+    ("time × LoRA", lambda r: _fmt(r["time_ratio"], ".2f", "x")),
+    ("dropped", lambda r: _fmt(r["dropped"], ".2f") if r["rate"] or r["floor"] else "–"),
+    ("vs interp.", lambda r: _fmt(r["vs_interp"], ".2f", "x")),
+    ("peak (MiB)", lambda r: _fmt(None if r["peak"] is None else r["peak"] / MIB, ",.0f")),
+    ("peak × LoRA", lambda r: _fmt(r["peak_ratio"], ".2f", "x")),
+    ("train peak (MiB)", lambda r: _fmt(None if r["train_peak"] is None else r["train_peak"] / MIB, ",.0f")),
+    ("saved for bwd (MiB)", lambda r: _fmt(None if r["saved"] is None else r["saved"] / MIB, ",.0f")),
+    ("max len", lambda r: _fmt(r["max_len"], "d")),
+    ("len × LoRA", lambda r: _fmt(r["len_ratio"], ".2f", "x")),
+)
+
+
+def render_table(rows: Sequence[dict]) -> str:
+    """The markdown table of all methods (``–`` where a figure was not measured)."""
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_targets(results: Sequence[dict]) -> str:
+    """A markdown list: each target, its measured value(s) and met / MISSED / not measured."""
+    lines = []
+    for result in results:
+        status = {True: "met", False: "MISSED", None: "not measured"}[result["met"]]
+        values = ", ".join(f"{key} {value:.2f}" for key, value in result["values"].items())
+        lines.append(f"- {result['target']}: **{status}**" + (f" ({values})" if values else ""))
+    return "\n".join(lines)

@@ -1,0 +1,295 @@
+"""The part of ``leanft bench`` that runs inside a fresh worker process: one model, one method, steps on request.
+
+A worker loads the model, applies one base method (peft LoRA, full fine-tuning or PaCA), attaches a DropBP
+controller when asked, builds AdamW over the trainable parameters and a fixed random batch, then answers
+requests from the parent over a pipe: ``step`` (one timed training step at a DropBP rate, drawing that
+step's pattern exactly as training does) or ``memory`` (one step measured for peak memory and bytes saved
+for backward). Workers start from a fork server that has already imported torch, transformers and peft,
+so each one costs a model load, not an interpreter start, and each measures its own peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from leanft.chunked_loss import chunked_causal_lm_loss
+from leanft.dropbp import DropBP, apply_dropbp
+from leanft.memory import SavedTensorMeter
+from leanft.paca import apply_paca
+
+BASES = ("lora", "full", "paca", "qlora", "qpaca")
+QUANTIZED = {"qlora": "lora", "qpaca": "paca"}  # on a bitsandbytes nf4 base (leanft.quant): the method it runs
+TINY_MODEL = "tiny"
+TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embeddings, grouped KV heads)
+    vocab_size=4096,
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything a worker needs to build its model, method and batch."""
+
+    model: str = "default"  # "tiny" or any spec ``leanft.models.load_model_and_tokenizer`` accepts
+    base: str = "lora"  # one of BASES
+    r: int = 8
+    batch: int = 4
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    dropbp: bool = True  # attach a DropBP controller (rate 0 = every branch kept)
+    lr: float = 1e-4
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
+    release_memory: bool = False  # hand freed blocks back to the OS at once (memory probes, see release_freed_memory)
+
+
+def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = False) -> nn.Module:
+    """The benchmark's model in train mode: a tiny random Llama for ``"tiny"``, else through ``leanft.models``.
+
+    ``quantize`` loads the linear layers in bitsandbytes nf4 (the tiny model through a temporary folder).
+    """
+    from leanft.models import load_model_and_tokenizer
+
+    if spec == TINY_MODEL:
+        import tempfile
+
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_CONFIG))
+        if quantize:
+            from leanft.quant import keep_4bit_layout, quantization_config
+
+            with tempfile.TemporaryDirectory() as folder:
+                model.to(dtype).save_pretrained(folder)
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=dtype, quantization_config=quantization_config("4bit", device), device_map=device
+                )
+            return keep_4bit_layout(model).train()
+    else:
+        quantized = "4bit" if quantize else None
+        spec = None if spec == "default" else spec
+        model, _ = load_model_and_tokenizer(spec, dtype=dtype, device=device, quantize=quantized)
+        if quantize:
+            return model.train()
+    return model.to(device=device, dtype=dtype).train()
+
+
+def apply_method(model: nn.Module, base: str, r: int, seed: int) -> nn.Module:
+    """Make ``model`` trainable by ``base``: peft LoRA (alpha 2r, all linear layers), full fine-tuning or PaCA.
+
+    ``qlora`` / ``qpaca`` are LoRA / PaCA on a 4-bit model, after peft's ``prepare_model_for_kbit_training``.
+    """
+    if base in QUANTIZED:
+        from leanft.quant import prepare_quantized
+
+        return apply_method(prepare_quantized(model), QUANTIZED[base], r, seed)
+    if base == "lora":
+        import peft
+
+        return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    if base == "paca":
+        return apply_paca(model, r=r, seed=seed)
+    if base == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"unknown base method {base!r}; expected one of {BASES}")
+
+
+def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+    """A fixed random batch of token ids; every token is a label."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+# -- memory probes ------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def current_bytes(device: str) -> int:
+    """Memory in use now: allocated CUDA memory on a GPU, resident set size on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device)
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak(device: str) -> None:
+    """Start a new peak-memory window (``/proc/self/clear_refs`` resets the RSS high-water mark)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_bytes(device: str) -> int:
+    """Peak memory since ``reset_peak``: ``max_memory_allocated`` on a GPU, the RSS high-water mark on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return _status_kib("VmHWM") * 1024
+
+
+def release_freed_memory() -> None:
+    """Make glibc return every freed block of 128 KiB or more to the OS at once (CPU memory probes).
+
+    By default glibc raises its mmap threshold after large frees and keeps freed heap memory, so the RSS
+    high-water mark depends on fragmentation and is not monotone in the sequence length. With a fixed
+    threshold, peak RSS follows the live tensors, like ``max_memory_allocated`` on a GPU.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, which also turns off its dynamic growth
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# -- the worker's model --------------------------------------------------------------------------------
+
+
+class Trainee:
+    """One model with one method, its optimizer, its DropBP controller (optional) and its batch."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        dtype = getattr(torch, case.dtype)
+        model = load_model(case.model, dtype, case.device, quantize=case.base in QUANTIZED)
+        vocab_size = model.config.vocab_size
+        self.model = apply_method(model, case.base, case.r, case.seed)
+        self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=case.lr)
+        self.batch = make_batch(vocab_size, case.batch, case.seq_len, case.seed, case.device)
+        with torch.no_grad():  # page in weights a safetensors load left memory-mapped, so set-up memory counts them
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                tensor.sum()
+
+    def _pattern(self, rate: float, floor: bool, index: int) -> contextlib.AbstractContextManager:
+        """Set up the controller so the next training forward draws step ``index``'s pattern at ``rate``."""
+        if self.controller is None:
+            if rate or floor:
+                raise ValueError("this worker has no DropBP controller")
+            return contextlib.nullcontext()
+        self.controller.set_rates([rate] * len(self.controller.branches))
+        self.controller.step = index
+        return self.controller.forced([True] * len(self.controller.branches)) if floor else contextlib.nullcontext()
+
+    def _train_step(self, rate: float, floor: bool, index: int, chunked: bool = False) -> float:
+        with self._pattern(rate, floor, index):
+            loss = chunked_causal_lm_loss(self.model, self.batch) if chunked else self.model(**self.batch).loss
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.controller.dropped_fraction() if self.controller else 0.0
+
+    def step(self, rate: float = 0.0, floor: bool = False, index: int = 0, chunked: bool = False) -> dict:
+        """One timed training step (forward, backward, AdamW step) with step ``index``'s drop pattern.
+
+        ``chunked`` computes the loss with ``leanft.chunked_loss`` (never the full logits).
+        """
+        _sync(self.case.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        dropped = self._train_step(rate, floor, index, chunked)
+        _sync(self.case.device)
+        cpu_seconds = time.process_time() - cpu_start  # all threads; with one thread, robust to a busy machine
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds, "dropped": dropped, "index": index}
+
+    def least_dropped(self, rate: float, indices: list[int]) -> int:
+        """Among the steps ``indices``, the one whose pattern at ``rate`` drops the smallest share of FLOPs."""
+        if self.controller is None or not rate:
+            return indices[0]
+        self.controller.set_rates([rate] * len(self.controller.branches))
+        return min(indices, key=lambda i: (self.controller.dropped_fraction(self.controller.sample(i)), i))
+
+    def init_optimizer_state(self) -> None:
+        """Allocate AdamW's state (one step on zero gradients) so a measured step sees steady-state memory."""
+        for param in self.params:
+            param.grad = torch.zeros_like(param)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def memory(
+        self, rate: float = 0.0, floor: bool = False, indices: list[int] | None = None, chunked: bool = False
+    ) -> dict:
+        """Peak memory and bytes saved for backward of one step; DropBP uses the least-dropped of ``indices``."""
+        device = self.case.device
+        index = self.least_dropped(rate, indices or [0])
+        self.init_optimizer_state()
+        _sync(device)
+        setup = current_bytes(device)
+        reset_peak(device)
+        with SavedTensorMeter(self.model) as meter:
+            dropped = self._train_step(rate, floor, index, chunked)
+        _sync(device)
+        return {"peak": peak_bytes(device), "setup": setup, "saved": meter.bytes, "dropped": dropped, "index": index}
+
+
+def _quiet() -> None:
+    """Keep workers from printing load bars and deprecation warnings over the parent's progress lines."""
+    warnings.filterwarnings("ignore")
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def serve(case: dict, conn) -> None:
+    """Worker entry point: build a ``Trainee`` for ``case`` and answer ``{"op", "args"}`` requests until "exit".
+
+    The first reply reports memory in use before (``start``) and after (``loaded``) building the model.
+    Every reply is a dict; a failure is ``{"error": traceback}``, a CUDA out-of-memory ``{"oom": message}``.
+    """
+    _quiet()
+    try:
+        settings = Case(**case)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        if settings.release_memory and not settings.device.startswith("cuda"):
+            release_freed_memory()
+        start = current_bytes(settings.device)
+        trainee = Trainee(settings)
+        conn.send({"start": start, "loaded": current_bytes(settings.device), "threads": torch.get_num_threads()})
+        while True:
+            request = conn.recv()
+            if request["op"] == "exit":
+                break
+            try:
+                conn.send(getattr(trainee, request["op"])(**request.get("args", {})))
+            except torch.OutOfMemoryError as error:
+                conn.send({"oom": str(error).splitlines()[0]})
+    except torch.OutOfMemoryError as error:
+        conn.send({"oom": str(error).splitlines()[0]})
+    except Exception:  # reported to the parent, which shows it next to the method's name
+        conn.send({"error": traceback.format_exc(limit=8)})
+    finally:
+        conn.close()
+
+
+def case_dict(case: Case) -> dict:
+    """``case`` as a plain dict (what ``serve`` receives)."""
+    return asdict(case)

@@ -1,0 +1,187 @@
+"""The benchmark's own logic: ratios, the DropBP cost model, the length search, peaks measured in fresh processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from leanft import bench, bench_report
+from leanft.bench_report import Method, build_methods, check_targets, render_table, summarize
+from leanft.bench_worker import current_bytes, peak_bytes, reset_peak
+
+MIB = bench_report.MIB
+
+
+def steps(*seconds: float, dropped: float = 0.0) -> list[dict]:
+    return [{"seconds": s, "dropped": dropped} for s in seconds]
+
+
+def test_methods_keys_labels_and_order():
+    methods = build_methods(["lora", "paca"], [0.5])
+    assert [m.key for m in methods] == ["lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"]
+    assert methods[0].label == "peft LoRA (baseline)" and methods[3].label == "PaCA + DropBP 0.5"
+    assert [m.uses_dropbp for m in methods] == [False, False, True, True, True, True]
+    assert build_methods(["full"], []) == [Method("full")]
+    assert bench_report.parse_method_keys("paca, lora", methods) == [Method("paca"), Method("lora")]
+    assert bench_report.parse_method_keys("none", methods) == []
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_report.parse_method_keys("paca+dropbp0.3", methods)
+
+
+def test_ratios_are_medians_of_per_round_ratios():
+    # round 2 ran under load for both methods: its ratio is still 0.5
+    assert bench_report.paired_ratio([2.0, 8.0, 2.5], [4.0, 16.0, 4.0]) == pytest.approx(0.5)
+    assert bench_report.paired_ratio([], []) is None
+    assert bench_report.ratio(3.0, 4.0) == 0.75
+    assert bench_report.ratio(None, 4.0) is None and bench_report.ratio(3.0, 0.0) is None
+
+
+def test_cost_model_interpolates_between_no_drop_and_floor():
+    assert bench_report.interpolated_time(10.0, 2.0, 0.0) == 10.0
+    assert bench_report.interpolated_time(10.0, 2.0, 1.0) == 2.0
+    assert bench_report.interpolated_time(10.0, 2.0, 0.25) == 8.0
+    on_line = [{"seconds": 8.0, "dropped": 0.25}, {"seconds": 4.0, "dropped": 0.75}]
+    assert bench_report.interpolation_ratio(on_line, steps(10.0, 10.0), steps(2.0, 2.0)) == pytest.approx(1.0)
+    slow = [{"seconds": 6.6, "dropped": 0.5}]
+    assert bench_report.interpolation_ratio(slow, steps(10.0), steps(2.0)) == pytest.approx(1.1)
+
+
+def fake_measurements():
+    methods = build_methods(["lora", "paca"], [0.5])
+    timing = {
+        "lora": steps(10.0, 20.0, 10.0),
+        "paca": steps(6.0, 12.0, 7.0),
+        "lora+dropbp0.5": steps(6.0, 12.0, 6.0, dropped=0.5),
+        "paca+dropbp0.5": steps(4.0, 8.0, 4.0, dropped=0.5),
+        "lora+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
+        "paca+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
+    }
+    memory = {key: {"peak": peak * MIB, "train_peak": peak * MIB // 2, "saved": 10 * MIB, "dropped": 0.5}
+              for key, peak in zip([m.key for m in methods], [1000, 800, 900, 700, 600, 500], strict=True)}
+    max_len = {"lora": {"max_len": 256}, "paca+dropbp0.5": {"max_len": 416}}
+    return methods, timing, memory, max_len
+
+
+def test_summary_rows_against_lora():
+    rows = {row["key"]: row for row in summarize(*fake_measurements(), tokens_per_step=1000)}
+    assert rows["lora"]["time_ratio"] == 1.0 and rows["lora"]["step_s"] == 10.0
+    assert rows["paca"]["time_ratio"] == pytest.approx(0.6) and rows["paca"]["tokens_per_s"] == pytest.approx(1000 / 7)
+    assert rows["paca+dropbp0.5"]["time_ratio"] == pytest.approx(0.4)
+    assert rows["lora+dropbp0.5"]["vs_interp"] == pytest.approx(1.0)  # 6 s = halfway between 10 and 2
+    assert rows["paca+dropbp0.5"]["vs_interp"] == pytest.approx(4.0 / 4.0)
+    assert rows["paca"]["vs_interp"] is None and rows["paca+floor"]["vs_interp"] is None
+    assert rows["paca+dropbp0.5"]["peak_ratio"] == pytest.approx(0.7)
+    assert rows["paca+dropbp0.5"]["len_ratio"] == pytest.approx(416 / 256)
+    assert rows["paca"]["max_len"] is None and rows["paca"]["len_ratio"] is None
+
+
+def test_targets_met_missed_and_not_measured():
+    results = {r["target"]: r for r in check_targets(summarize(*fake_measurements(), tokens_per_step=1000))}
+    assert results["PaCA step time <= 0.70x LoRA"]["met"] is True
+    assert results["PaCA + DropBP 0.5 step time <= 0.45x LoRA"]["met"] is True
+    assert results["PaCA + DropBP 0.5 peak memory <= 0.75x LoRA"]["met"] is True
+    assert results["PaCA peak memory <= 0.90x LoRA"]["met"] is True
+    assert results["PaCA + DropBP 0.5 max sequence length >= 1.5x LoRA"]["met"] is True
+    assert results["LoRA + DropBP 0.5 step time <= 0.55x LoRA"]["met"] is False
+    interp = results["every DropBP step <= 1.15x the no-drop/floor interpolation"]
+    assert interp["met"] is True and set(interp["values"]) == {"lora+dropbp0.5", "paca+dropbp0.5"}
+    assert all(r["met"] is None for r in check_targets([]))
+    assert "**MISSED** (lora+dropbp0.5 0.60)" in bench_report.render_targets(list(results.values()))
+
+
+def test_table_has_a_row_per_method_and_dashes_for_missing_figures():
+    rows = summarize(*fake_measurements(), tokens_per_step=1000)
+    rows[1]["peak"] = None
+    lines = render_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:4] == ["method", "step (s)", "tokens/s", "time × LoRA"] and "len × LoRA" in header
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert cells["peft LoRA (baseline)"][1:4] == ["10.000", "100", "1.00x"]
+    assert cells["PaCA + DropBP 0.5"][header.index("len × LoRA")] == "1.62x"
+    assert cells["PaCA + DropBP 0.5"][header.index("dropped")] == "0.50"
+    assert cells["PaCA"][header.index("peak (MiB)")] == "–" and cells["PaCA"][header.index("dropped")] == "–"
+    assert cells["PaCA floor (all dropped)"][header.index("vs interp.")] == "–"
+
+
+@pytest.mark.parametrize("limit", [0, 7, 8, 100, 257, 1000, 4095, 4096, 5000])
+@pytest.mark.parametrize("guess", [1, 256, 3000, 10_000])
+def test_length_search_finds_the_largest_fitting_multiple(limit, guess):
+    calls = []
+
+    def fits(length: int) -> bool:
+        calls.append(length)
+        return length <= limit
+
+    found, probes = bench.max_fitting_length(fits, guess=guess, step=8, cap=4096)
+    assert found == min(limit // 8 * 8, 4096)
+    assert len(calls) == len(set(calls)) == len(probes)  # never probes a length twice
+    assert all(length % 8 == 0 and 8 <= length <= 4096 for length in calls)
+    assert len(calls) <= 2 * math.ceil(math.log2(4096 / 8)) + 2
+
+
+def test_length_search_with_a_good_guess_needs_few_probes():
+    found, probes = bench.max_fitting_length(lambda n: n <= 500, guess=480, step=32, cap=8192)
+    assert found == 480 and len(probes) <= 4
+
+
+def test_parse_bytes():
+    assert bench.parse_bytes("2GB") == 2 * 1024**3
+    assert bench.parse_bytes("1500MiB") == 1500 * MIB
+    assert bench.parse_bytes("3e9") == 3_000_000_000
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_bytes("lots")
+
+
+def test_peak_window_sees_an_allocation_and_resets():
+    reset_peak("cpu")
+    before = current_bytes("cpu")
+    block = torch.ones(64 * MIB // 4)  # 64 MiB, touched
+    del block
+    assert peak_bytes("cpu") >= before + 60 * MIB
+    reset_peak("cpu")
+    assert peak_bytes("cpu") < before + 32 * MIB
+
+
+def tiny_args(**overrides) -> argparse.Namespace:
+    args = bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(["--quick", "--device", "cpu"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return bench.resolve_defaults(args)
+
+
+def test_peaks_are_measured_per_fresh_process_and_grow_with_the_batch():
+    context = bench.worker_context()
+    large = bench.measure_memory(context, tiny_args(batch=16), Method("lora"), seq_len=128)
+    small = bench.measure_memory(context, tiny_args(batch=1), Method("lora"), seq_len=128)
+    # logits alone are 16 x 128 x 4096 floats = 32 MiB; a shared process would report the same peak twice
+    assert large["train_peak"] > small["train_peak"] + 16 * MIB
+    assert large["peak"] > small["peak"] + 16 * MIB
+    for result in (large, small):
+        assert 0 < result["train_peak"] < result["peak"] < result["process_peak"]
+        assert result["saved"] > 0 and result["setup"] > 0
+    dropped = bench.measure_memory(context, tiny_args(batch=16), Method("lora", floor=True), seq_len=128)
+    assert dropped["saved"] == 0 and dropped["dropped"] == 1.0
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    args = bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(
+        ["--quick", "--device", "cpu", "--bases", "lora,paca", "--rates", "0.5", "--rounds", "2",
+         "--max-len-methods", "paca+dropbp0.5", "--len-step", "64", "--out", str(tmp_path)]
+    )
+    lines = []
+    assert bench.run_bench(args, progress=lines.append) == 0
+    table = capsys.readouterr().out
+    assert "| PaCA + DropBP 0.5 |" in table and "Targets (issue" in table
+    assert any(line.startswith("[memory 6/6] PaCA floor") for line in lines)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {row["key"]: row for row in report["rows"]}
+    assert set(rows) == {"lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"}
+    assert all(len(report["timing"][key]) == 2 for key in rows)
+    assert rows["lora"]["time_ratio"] == 1.0 and rows["paca+floor"]["dropped"] == 1.0
+    assert rows["paca+dropbp0.5"]["max_len"] > 0 and rows["lora"]["max_len"] is None
+    assert (tmp_path / "bench_time_memory.png").stat().st_size > 0 and (tmp_path / "bench_throughput.png").exists()
