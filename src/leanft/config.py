@@ -52,7 +52,7 @@ class TrainConfig:
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
     warmup_ratio: float = doc("share of steps for LR warm-up", 0.05)
     weight_decay: float = doc("AdamW weight decay", 0.0)
-    max_steps: int = doc("optimizer steps", 150)
+    max_steps: int = doc("optimizer steps", 80)
     batch_size: int = doc("examples per device per step", 8)
     grad_accum: int = doc("gradient accumulation steps", 1)
     max_seq_len: int = doc("tokens per example (longer ones are truncated) or per packed block", 256)
