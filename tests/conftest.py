@@ -121,3 +121,12 @@ def tiny_chat_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def tiny_plain_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Tiny offline tokenizer without a chat template (exercises the plain-text fallback)."""
     return make_tiny_tokenizer(chat_template=None)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: bitsandbytes' CPU kernels and tiny matmuls are slow in parallel regions."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

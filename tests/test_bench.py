@@ -60,8 +60,10 @@ def fake_measurements():
         "lora+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
         "paca+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
     }
-    memory = {key: {"peak": peak * MIB, "train_peak": peak * MIB // 2, "saved": 10 * MIB, "dropped": 0.5}
-              for key, peak in zip([m.key for m in methods], [1000, 800, 900, 700, 600, 500], strict=True)}
+    memory = {
+        key: {"peak": peak * MIB, "train_peak": peak * MIB // 2, "saved": 10 * MIB, "dropped": 0.5}
+        for key, peak in zip([m.key for m in methods], [1000, 800, 900, 700, 600, 500], strict=True)
+    }
     max_len = {"lora": {"max_len": 256}, "paca+dropbp0.5": {"max_len": 416}}
     return methods, timing, memory, max_len
 
@@ -170,8 +172,23 @@ def test_peaks_are_measured_per_fresh_process_and_grow_with_the_batch():
 
 def test_quick_run_end_to_end(tmp_path, capsys):
     args = bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(
-        ["--quick", "--device", "cpu", "--bases", "lora,paca", "--rates", "0.5", "--rounds", "2",
-         "--max-len-methods", "paca+dropbp0.5", "--len-step", "64", "--out", str(tmp_path)]
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--bases",
+            "lora,paca",
+            "--rates",
+            "0.5",
+            "--rounds",
+            "2",
+            "--max-len-methods",
+            "paca+dropbp0.5",
+            "--len-step",
+            "64",
+            "--out",
+            str(tmp_path),
+        ]
     )
     lines = []
     assert bench.run_bench(args, progress=lines.append) == 0

@@ -16,14 +16,7 @@ import leanft
 from leanft.chunked_loss import chunked_causal_lm_loss, chunked_loss_problem, linear_cross_entropy
 from leanft.train import LeanftTrainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matrices gain nothing from more, and shared CPUs make parallel regions slow."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainable(model: torch.nn.Module) -> torch.nn.Module:
@@ -125,8 +118,12 @@ class LargestLogits(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == VOCAB
-                    and tensor.untyped_storage().data_ptr() != self.head):
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dim() >= 2
+                and tensor.shape[-1] == VOCAB
+                and tensor.untyped_storage().data_ptr() != self.head
+            ):
                 self.largest = max(self.largest, tensor.numel())
         return out
 
@@ -174,8 +171,14 @@ def test_every_branch_dropped_still_gives_a_loss_to_call_backward_on():
 def test_models_that_transform_their_logits_are_refused():
     assert chunked_loss_problem(tiny_model("llama")) is None
     config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,
     )
     softcapped = transformers.AutoModelForCausalLM.from_config(config)
     assert "after the head" in chunked_loss_problem(softcapped)
@@ -187,18 +190,32 @@ def test_trainer_with_chunked_loss_and_grad_accumulation_matches_the_plain_loss(
     def collate(rows):
         width = max(len(row["input_ids"]) for row in rows)
         pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-        return {key: torch.stack([torch.nn.functional.pad(row[key], (0, width - len(row[key])), value=fill)
-                                  for row in rows]) for key, fill in pad.items()}
+        return {
+            key: torch.stack(
+                [torch.nn.functional.pad(row[key], (0, width - len(row[key])), value=fill) for row in rows]
+            )
+            for key, fill in pad.items()
+        }
 
     def run(chunked: bool) -> tuple[list[float], torch.nn.Module]:
         model = leanft.apply_paca(tiny_model("llama"), r=4)
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(chunked)), max_steps=2, per_device_train_batch_size=2,
-            gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", report_to="none",
-            save_strategy="no", logging_steps=1, remove_unused_columns=False, disable_tqdm=True, use_cpu=True,
+            output_dir=str(tmp_path / str(chunked)),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            use_cpu=True,
         )
-        trainer = LeanftTrainer(model=model, args=args, train_dataset=features, data_collator=collate,
-                                chunked_loss=chunked)
+        trainer = LeanftTrainer(
+            model=model, args=args, train_dataset=features, data_collator=collate, chunked_loss=chunked
+        )
         assert (trainer.chunked is not None) == chunked
         trainer.train()
         return [log["loss"] for log in trainer.state.log_history if "loss" in log], model

@@ -160,22 +160,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant, method, batc
     assert_same_grads(grads(checkpointed), grads(model))
 
 
-def test_with_peft_lora_matches_detached_reference(batch):
-    lora = peft.get_peft_model(
-        tiny_model("llama"), peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    )
-    plain = copy.deepcopy(lora)
-    ctrl = leanft.apply_dropbp(lora, drop_rate=0.5)
-    pattern = mixed_pattern(len(ctrl.branches))
-    reference = reference_with_detached(plain, ctrl, pattern)
-    with ctrl.forced(pattern):
-        lora(**batch).loss.backward()
-    reference(**batch).loss.backward()
-    assert_same_grads(grads(lora), grads(reference))
+def lora_model() -> nn.Module:
+    config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    return peft.get_peft_model(tiny_model("llama"), config)
 
 
-def test_with_paca_matches_detached_reference(batch):
-    model = leanft.apply_paca(tiny_model("qwen2"), r=4)
+@pytest.mark.parametrize(
+    "build", [lora_model, lambda: leanft.apply_paca(tiny_model("qwen2"), r=4)], ids=["peft-lora", "paca"]
+)
+def test_with_adapters_matches_detached_reference(build, batch):
+    model = build()
     plain = copy.deepcopy(model)
     ctrl = leanft.apply_dropbp(model, drop_rate=0.5)
     pattern = mixed_pattern(len(ctrl.branches))

@@ -51,8 +51,9 @@ def test_backward_rebuilds_w_eff_when_the_weight_lost_the_columns_after_forward(
 
 def test_tied_lm_head_never_writes_into_the_embeddings():
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True,
-                                                                   **DECODER)).train()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **DECODER)
+    ).train()
     embeddings = model.get_input_embeddings().weight.detach().clone()
     leanft.apply_paca(model, r=4, target_modules=["lm_head"])
     sgd_steps(model)

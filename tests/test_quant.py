@@ -21,16 +21,9 @@ from leanft.methods import attach_method, merged
 from leanft.models import load_model_and_tokenizer
 from leanft.quant import QPacaLinear, dequantize_module, is_linear4bit, is_quantized, quantization_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: bitsandbytes' CPU kernels open a parallel region even for tiny matrices."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def quantized_pair(arch: str, folder) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -208,8 +201,11 @@ def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_
     assert main(args) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == method
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses and all(loss == loss for loss in losses)  # finite, logged
     out_dir = tmp_path / "merged"
     assert main(["merge", str(run_dir), str(out_dir)]) == 0
