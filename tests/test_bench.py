@@ -92,7 +92,7 @@ def test_targets_met_missed_and_not_measured():
     interp = results["every DropBP step <= 1.15x the no-drop/floor interpolation"]
     assert interp["met"] is True and set(interp["values"]) == {"lora+dropbp0.5", "paca+dropbp0.5"}
     assert all(r["met"] is None for r in check_targets([]))
-    assert "**MISSED** (lora+dropbp0.5 0.60)" in bench_report.render_targets(list(results.values()))
+    assert "**MISSED** (lora+dropbp0.5 0.600)" in bench_report.render_targets(list(results.values()))
 
 
 def test_table_has_a_row_per_method_and_dashes_for_missing_figures():

@@ -242,6 +242,6 @@ def render_targets(results: Sequence[dict]) -> str:
     lines = []
     for result in results:
         status = {True: "met", False: "MISSED", None: "not measured"}[result["met"]]
-        values = ", ".join(f"{key} {value:.2f}" for key, value in result["values"].items())
+        values = ", ".join(f"{key} {value:.3f}" for key, value in result["values"].items())
         lines.append(f"- {result['target']}: **{status}**" + (f" ({values})" if values else ""))
     return "\n".join(lines)
