@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_batch, tiny_model
+from conftest import save_tiny_llama, tiny_batch, tiny_model
 
 import leanft
 from leanft.distributed import (
@@ -220,24 +220,7 @@ def test_reentrant_checkpointing_is_switched_to_non_reentrant(batch):
 
 def write_tiny_run_inputs(folder: Path) -> tuple[Path, Path]:
     """A tiny llama + tokenizer saved with save_pretrained, and a small JSONL data set."""
-    import transformers
-
-    tokenizer = make_tiny_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    save_tiny_llama(folder / "model")
     records = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(24)]
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder / "model", folder / "data.jsonl"
