@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,3 +131,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama + tokenizer saved as a local HF folder."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    save_tiny_llama(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 instruction records in JSONL."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = [json.dumps({"instruction": f"Add one to {i}.", "output": str(i + 1)}) for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

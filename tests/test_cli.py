@@ -7,7 +7,6 @@ import signal
 
 import pytest
 import torch
-from conftest import save_tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -16,23 +15,6 @@ from leanft.config import load_config
 from leanft.train import load_run, train
 
 TINY_ARGS = ["max_steps=6", "batch_size=4", "save_steps=3", "num_eval=4", "max_new_tokens=6", "logging_steps=1"]
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama + tokenizer saved as a local HF folder."""
-    folder = tmp_path_factory.mktemp("tiny_model")
-    save_tiny_llama(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def data_file(tmp_path_factory):
-    """40 instruction records in JSONL."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = [json.dumps({"instruction": f"Add one to {i}.", "output": str(i + 1)}) for i in range(40)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run_args(model_dir, data_file, run_dir, *extra):

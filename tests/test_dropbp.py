@@ -13,7 +13,7 @@ from conftest import ARCHITECTURES, tiny_batch, tiny_model
 from torch import nn
 
 import leanft
-from leanft.allocate import greedy_rates
+from leanft.allocate import greedy_rates, measure_sensitivities
 from leanft.memory import SavedTensorMeter
 
 
@@ -241,6 +241,24 @@ def test_allocation_respects_budget_and_favours_insensitive_branches(batch):
             if cost[i] < cost[j]:
                 assert rates[i] >= rates[j], (cost, rates)
     assert len(set(rates)) > 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma"])
+@pytest.mark.parametrize("method", ["full", "paca", "lora"])
+def test_single_forward_sensitivities_equal_dropping_each_branch(arch, method):
+    model = tiny_model(arch)
+    if method == "paca":
+        leanft.apply_paca(model, r=4, seed=0)
+    elif method == "lora":
+        target = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else "all-linear"
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=target, init_lora_weights=False))
+    model.train()  # GPT-2 / NeoX dropout: both measurements must see the same masks
+    ctrl = leanft.apply_dropbp(model, drop_rate=0.5)
+    batch = tiny_batch(length=10)
+    by_paths = measure_sensitivities(ctrl, batch, by_paths=True)
+    by_dropping = measure_sensitivities(ctrl, batch, by_paths=False)
+    assert min(by_dropping) > 0
+    assert by_paths == pytest.approx(by_dropping, rel=1e-4, abs=1e-7)
 
 
 def test_greedy_rates_spend_the_budget_on_the_cheapest_branches():

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from conftest import save_tiny_llama, tiny_batch, tiny_model
-from test_cli import data_file, run_args  # noqa: F401 - a shared fixture and helper
+from test_cli import run_args
 from transformers import AutoModelForCausalLM
 
 import leanft
@@ -194,7 +194,7 @@ def test_loader_keeps_the_4bit_layout_and_qpaca_unpacks_a_repacked_model(wide_mo
 
 
 @pytest.mark.parametrize("method", ["paca", "lora"])
-def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_path):  # noqa: F811 - fixture
+def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_path):
     run_dir = tmp_path / "run"
     quick = ["max_steps=2", "save_steps=2", "num_eval=2", "max_new_tokens=2", "dropbp.allocate_at=null"]
     args = run_args(wide_model_dir, data_file, run_dir, f"method={method}", "quantize=4bit", "dropbp.rate=0.5", *quick)
@@ -211,3 +211,12 @@ def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_
     assert main(["merge", str(run_dir), str(out_dir)]) == 0
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert not any(is_linear4bit(m) for m in plain.modules()) and "quantization_config" not in plain.config.to_dict()
+
+
+def test_eval_of_a_base_model_honours_quantize(wide_model_dir, data_file, capsys):
+    common = ["eval", f"model={wide_model_dir}", f"data={data_file}", "num_eval=2", "max_new_tokens=2"]
+    assert main(common) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*common, "quantize=4bit"]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert quantized["loss"] != full["loss"] and abs(quantized["loss"] - full["loss"]) < 0.1 * full["loss"]

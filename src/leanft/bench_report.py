@@ -6,8 +6,10 @@ Everything here is pure (no models, no processes), so it is tested directly on m
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from leanft.tables import Column, fmt, markdown_table
 
 BASE_LABELS = {"lora": "peft LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA (nf4)", "qpaca": "QPaCA (nf4)"}
 SHORT_LABELS = {"lora": "LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA", "qpaca": "QPaCA"}
@@ -210,31 +212,25 @@ def check_targets(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> 
 # -- text ---------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{spec}}{suffix}"
-
-
-COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+COLUMNS: tuple[Column, ...] = (
     ("method", lambda r: r["label"]),
-    ("step (s)", lambda r: _fmt(r["step_s"], ".3f")),
-    ("tokens/s", lambda r: _fmt(r["tokens_per_s"], ",.0f")),
-    ("time × LoRA", lambda r: _fmt(r["time_ratio"], ".2f", "x")),
-    ("dropped", lambda r: _fmt(r["dropped"], ".2f") if r["rate"] or r["floor"] else "–"),
-    ("vs interp.", lambda r: _fmt(r["vs_interp"], ".2f", "x")),
-    ("peak (MiB)", lambda r: _fmt(None if r["peak"] is None else r["peak"] / MIB, ",.0f")),
-    ("peak × LoRA", lambda r: _fmt(r["peak_ratio"], ".2f", "x")),
-    ("train peak (MiB)", lambda r: _fmt(None if r["train_peak"] is None else r["train_peak"] / MIB, ",.0f")),
-    ("saved for bwd (MiB)", lambda r: _fmt(None if r["saved"] is None else r["saved"] / MIB, ",.0f")),
-    ("max len", lambda r: _fmt(r["max_len"], "d")),
-    ("len × LoRA", lambda r: _fmt(r["len_ratio"], ".2f", "x")),
+    ("step (s)", lambda r: fmt(r["step_s"], ".3f")),
+    ("tokens/s", lambda r: fmt(r["tokens_per_s"], ",.0f")),
+    ("time × LoRA", lambda r: fmt(r["time_ratio"], ".2f", "x")),
+    ("dropped", lambda r: fmt(r["dropped"], ".2f") if r["rate"] or r["floor"] else "–"),
+    ("vs interp.", lambda r: fmt(r["vs_interp"], ".2f", "x")),
+    ("peak (MiB)", lambda r: fmt(None if r["peak"] is None else r["peak"] / MIB, ",.0f")),
+    ("peak × LoRA", lambda r: fmt(r["peak_ratio"], ".2f", "x")),
+    ("train peak (MiB)", lambda r: fmt(None if r["train_peak"] is None else r["train_peak"] / MIB, ",.0f")),
+    ("saved for bwd (MiB)", lambda r: fmt(None if r["saved"] is None else r["saved"] / MIB, ",.0f")),
+    ("max len", lambda r: fmt(r["max_len"], "d")),
+    ("len × LoRA", lambda r: fmt(r["len_ratio"], ".2f", "x")),
 )
 
 
 def render_table(rows: Sequence[dict]) -> str:
     """The markdown table of all methods (``–`` where a figure was not measured)."""
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, rows)
 
 
 def render_targets(results: Sequence[dict]) -> str:

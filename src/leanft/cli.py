@@ -1,4 +1,4 @@
-"""``leanft train | eval | merge | generate | bench``: thin commands over the library.
+"""``leanft train | eval | merge | generate | compare | bench``: thin commands over the library.
 
 Bad input ends with one line on stderr and exit code 2; Ctrl-C during training saves a checkpoint first.
 """
@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise LeanftError(f"{path} is not a leanft run folder: pass a run folder, or model=... for a base model")
     else:
         config = load_config(None, overrides)
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     _, records = load_records(config)
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
     print(json.dumps(evaluate(model, tokenizer, records, features, config.max_new_tokens), indent=2))
@@ -88,6 +88,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run ``leanft compare``: methods trained side by side, held-out quality against training time."""
+    from leanft.compare import run_compare
+
+    run_compare(args.items)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``leanft bench``."""
     from leanft.bench import run_bench
@@ -97,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``leanft`` argument parser with its sub-commands."""
+    from leanft.compare import COMPARE_HELP
     from leanft.config import config_help
 
     parser = argparse.ArgumentParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
@@ -127,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
+
+    compare = commands.add_parser(
+        "compare",
+        help="train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="leanft compare [CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)",
+        epilog="compare keys:\n" + "\n".join(COMPARE_HELP) + "\ntrain keys (shared by every variant):\n"
+        + "\n".join(config_help()),
+    )
+    compare.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    compare.set_defaults(func=cmd_compare)
 
     try:
         from leanft.bench import add_bench_arguments

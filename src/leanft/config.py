@@ -71,6 +71,7 @@ class TrainConfig:
     num_eval: int = doc("held-out examples for exact-match accuracy", 100)
     max_new_tokens: int = doc("generation length for exact-match accuracy", 24)
     logging_steps: int = doc("log loss every N steps (metrics.jsonl)", 5)
+    eval_steps: int = doc("held-out loss every N steps (metrics.jsonl, loss curve); 0 = only before and after", 20)
     save_steps: int = doc("checkpoint every N steps", 50)
     save_total_limit: int = doc("checkpoints kept", 2)
     resume: bool = doc("continue from the last checkpoint in output_dir", False)
@@ -96,6 +97,8 @@ class TrainConfig:
         for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_steps < 0:
+            raise LeanftError(f"eval_steps must be >= 0 (0 = only before and after training), got {self.eval_steps}")
         if self.quantize not in (None, "4bit"):
             raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
         if self.quantize and self.method == "full":

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from leanft.evaluate import heldout_loss
 from leanft.fileio import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,6 +60,37 @@ class RunLogCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class HeldoutCurveCallback(TrainerCallback):
+    """Held-out loss every ``every`` steps against the training time so far, evaluation time excluded.
+
+    Each point goes to ``points`` and, as ``eval_loss``, to ``metrics.jsonl`` (so the loss-curve PNG shows it).
+    """
+
+    def __init__(self, run_dir: str | Path, features: list, pad_token_id: int, every: int) -> None:
+        self.metrics_path = Path(run_dir) / METRICS_FILE
+        self.features, self.pad_token_id, self.every = features, pad_token_id, every
+        self.points: list[dict] = []
+        self.started = 0.0
+        self.eval_seconds = 0.0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Start the training clock."""
+        self.started, self.eval_seconds = time.perf_counter(), 0.0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Measure the held-out loss at every ``every``-th step and at the last one."""
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        began = time.perf_counter()
+        loss = heldout_loss(kwargs["model"], self.features, self.pad_token_id)
+        point = {"step": state.global_step, "time_s": round(began - self.started - self.eval_seconds, 3)}
+        self.points.append({**point, "heldout_loss": loss})
+        self.eval_seconds += time.perf_counter() - began
+        if state.is_world_process_zero:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps({**point, "eval_loss": loss}) + "\n")
 
 
 class InterruptCallback(TrainerCallback):

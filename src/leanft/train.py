@@ -43,7 +43,7 @@ from leanft.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_train
 from leanft.models import load_model_and_tokenizer
 from leanft.paca import load_paca, paca_modules, save_paca
 from leanft.quant import trainer_accepts
-from leanft.runlog import InterruptCallback, RunLogCallback, plot_loss_curve
+from leanft.runlog import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
 
 logger = logging.getLogger(__name__)
 
@@ -182,20 +182,21 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
     )
 
 
-def _baseline(run_dir: Path, model, tokenizer, records, features, config: TrainConfig) -> dict:
-    """Held-out metrics of the untrained model, computed once per run folder."""
+def _baseline(run_dir: Path, model, tokenizer, records, features, config: TrainConfig, known: dict | None) -> dict:
+    """Held-out metrics of the untrained model, computed once per run folder (or ``known`` already)."""
     path = run_dir / BASELINE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    baseline = evaluate(model, tokenizer, records, features, config.max_new_tokens)
+    baseline = known if known is not None else evaluate(model, tokenizer, records, features, config.max_new_tokens)
     write_json(path, baseline)
     return baseline
 
 
-def train(config: TrainConfig, callbacks: list | None = None) -> dict:
+def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | None = None) -> dict:
     """Fine-tune as ``config`` says; returns the summary also written to ``summary.json``.
 
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer; ``baseline`` is the
+    untrained model's ``{"loss", "accuracy"}`` on the same held-out data where already known.
     """
     config.validate()
     init_distributed(config.ddp_timeout)
@@ -207,7 +208,9 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
     eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
     if is_main_process():  # only now that every input is known good
         start_run_dir(run_dir, config)
-    before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config) if is_main_process() else {}
+    before = {}
+    if is_main_process():
+        before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config, baseline)
 
     model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
     controller = attach_dropbp(model, config.dropbp.rate, config.seed)
@@ -218,6 +221,10 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
     collator = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
     run_log, interrupt = RunLogCallback(run_dir), InterruptCallback()
     callbacks = [run_log, interrupt, *(callbacks or [])]
+    curve = None
+    if config.eval_steps:
+        curve = HeldoutCurveCallback(run_dir, eval_features, tokenizer.pad_token_id, config.eval_steps)
+        callbacks.append(curve)
     if controller is not None:
         allocation = collator(features[: config.dropbp.allocation_samples])
         allocation = {key: value.to(next(model.parameters()).device) for key, value in allocation.items()}
@@ -252,8 +259,10 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
     after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens)
     summary = {
         "method": config.method,
+        "lr": config.learning_rate(),
         "dropbp_rate": config.dropbp.rate,
         "dropbp_rates": controller.rates if controller is not None else None,
+        "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
         "steps": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(run_log.tokens_per_second(trainer.state), 1),
@@ -262,6 +271,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> dict:
         "heldout_loss_before": before["loss"],
         "heldout_loss_after": after["loss"],
         "num_eval": len(eval_records),
+        "heldout_curve": curve.points if curve is not None else [],
     }
     plot_loss_curve(run_dir, title=f"{config.method} + DropBP {config.dropbp.rate}")
     write_json(run_dir / SUMMARY_FILE, summary)

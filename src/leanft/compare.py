@@ -1,0 +1,194 @@
+"""``leanft compare``: several methods trained on the same model, data, seed and steps, quality against time.
+
+Each variant is a ``leanft train`` run (in ``OUTPUT_DIR/<variant>/``) that measures the held-out loss every
+``eval_every`` steps (``eval_steps`` of ``leanft train``). Training time excludes those evaluations and includes
+everything a method costs (DropBP's allocation too). The first variant is the baseline: a variant's
+time-to-quality is the training time at which its held-out loss first reaches the baseline's final one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from leanft.compare_report import plot_curves, render_table, time_to_quality
+from leanft.config import TrainConfig, load_config
+from leanft.errors import LeanftError
+from leanft.fileio import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+VARIANTS: dict[str, dict] = {
+    "lora": {"method": "lora", "dropbp_on": False, "allocate": False},
+    "paca": {"method": "paca", "dropbp_on": False, "allocate": False},
+    "full": {"method": "full", "dropbp_on": False, "allocate": False},
+    "lora+dropbp": {"method": "lora", "dropbp_on": True, "allocate": True},
+    "paca+dropbp": {"method": "paca", "dropbp_on": True, "allocate": True},
+    "full+dropbp": {"method": "full", "dropbp_on": True, "allocate": True},
+    "lora+dropbp-uniform": {"method": "lora", "dropbp_on": True, "allocate": False},
+    "paca+dropbp-uniform": {"method": "paca", "dropbp_on": True, "allocate": False},
+    "full+dropbp-uniform": {"method": "full", "dropbp_on": True, "allocate": False},
+}
+DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
+RESULT_FILE = "compare.json"
+TABLE_FILE = "compare.md"
+PLOT_FILE = "compare_loss.png"
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    """The keys ``leanft compare`` adds to those of ``leanft train``."""
+
+    variants: str = DEFAULT_VARIANTS
+    eval_every: int = 5
+
+
+COMPARE_HELP = (
+    f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
+    f"choose from {', '.join(VARIANTS)}",
+    "  eval_every (default 5): held-out loss every N optimizer steps (not counted as training time)",
+    "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
+)
+
+
+def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None, list[str]]:
+    """(compare options, YAML path or None, the ``leanft train`` overrides) from the command's arguments."""
+    options, path, overrides = CompareOptions(), None, []
+    for position, item in enumerate(items):
+        key, sep, value = item.partition("=")
+        if not sep and position == 0:
+            path = item
+        elif key == "variants":
+            options.variants = value
+        elif key == "eval_every":
+            if not value.isdigit() or int(value) < 1:
+                raise LeanftError(f"eval_every must be a whole number >= 1, got {value!r}")
+            options.eval_every = int(value)
+        else:
+            overrides.append(item)
+    names = [name.strip() for name in options.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        raise LeanftError(f"unknown variant(s) {unknown or options.variants!r}: choose from {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise LeanftError(f"variants lists a method twice: {options.variants}")
+    options.variants = ",".join(names)
+    return options, path, overrides
+
+
+def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
+    """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings."""
+    spec = VARIANTS[name]
+    dropbp = dataclasses.replace(
+        base.dropbp,
+        rate=base.dropbp.rate if spec["dropbp_on"] else 0.0,
+        allocate_at=base.dropbp.allocate_at if spec["allocate"] else None,
+    )
+    config = dataclasses.replace(
+        base,
+        method=spec["method"],
+        dropbp=dropbp,
+        output_dir=str(study_dir / name),
+        eval_steps=eval_every,
+        resume=False,
+        overwrite=False,
+    )
+    return config.validate()
+
+
+def check_study(base: TrainConfig, names: Sequence[str]) -> None:
+    """Refuse settings under which the named variants would not be what their names say."""
+    if base.dropbp.rate == 0 and any(VARIANTS[n]["dropbp_on"] for n in names):
+        raise LeanftError("DropBP variants need dropbp.rate > 0 (default 0.5)")
+    if base.dropbp.allocate_at is None and any(VARIANTS[n]["allocate"] for n in names):
+        raise LeanftError("allocated DropBP variants need dropbp.allocate_at (default 0.1); use *-uniform variants")
+    if base.resume:
+        raise LeanftError("leanft compare cannot resume: rerun it (overwrite=true replaces the study folder)")
+
+
+def prepare_study_dir(base: TrainConfig) -> Path:
+    """The study folder: new, or emptied with ``overwrite=true``; never a finished study overwritten silently."""
+    if base.output_dir is None:
+        return Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(base.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise LeanftError(f"output_dir {folder} is a file: pass a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not base.overwrite:
+            raise LeanftError(f"{folder} is not empty: pass overwrite=true or choose another output_dir")
+        shutil.rmtree(folder)
+    return folder
+
+
+def run_variant(config: TrainConfig, baseline: dict | None) -> tuple[dict, list[dict]]:
+    """Train one variant; (its summary, its held-out curve with the untrained point at time 0)."""
+    from leanft.train import train
+
+    summary = train(config, baseline=baseline)
+    start = {"step": 0, "time_s": 0.0, "heldout_loss": summary["heldout_loss_before"]}
+    return summary, [start, *summary["heldout_curve"]]
+
+
+def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict[str, list[dict]]) -> list[dict]:
+    """One result per variant: final loss and accuracy, times, and time-to-quality against the first variant."""
+    baseline = names[0]
+    target = curves[baseline][-1]["heldout_loss"]
+    baseline_time = time_to_quality(curves[baseline], target)
+    rows = []
+    for name in names:
+        summary, curve = summaries[name], curves[name]
+        reached = time_to_quality(curve, target)
+        rows.append({
+            "variant": name,
+            "method": summary["method"],
+            "lr": summary["lr"],
+            "dropbp_rate": summary["dropbp_rate"],
+            "allocated": VARIANTS[name]["allocate"],
+            "steps": summary["steps"],
+            "train_time_s": curve[-1]["time_s"],
+            "final_heldout_loss": curve[-1]["heldout_loss"],
+            "accuracy": summary["accuracy_after"],
+            "time_to_baseline_loss_s": reached,
+            "time_to_quality_ratio": None if reached is None or not baseline_time else reached / baseline_time,
+            "dropbp_rates": summary["dropbp_rates"],
+            "dropbp_sensitivities": summary.get("dropbp_sensitivities"),
+            "curve": curve,
+        })
+    return rows
+
+
+def run_compare(items: Sequence[str]) -> dict:
+    """Run ``leanft compare`` on its command-line arguments; returns what ``compare.json`` holds."""
+    options, path, overrides = parse_compare_args(items)
+    base = load_config(path, overrides)
+    names = options.variants.split(",")
+    check_study(base, names)
+    study_dir = prepare_study_dir(base)
+    configs = {name: variant_config(base, name, study_dir, options.eval_every) for name in names}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    summaries, curves, baseline = {}, {}, None
+    for index, name in enumerate(names, start=1):
+        logger.info("[%d/%d] %s: training %d steps", index, len(names), name, base.max_steps)
+        summaries[name], curves[name] = run_variant(configs[name], baseline)
+        baseline = {"loss": summaries[name]["heldout_loss_before"], "accuracy": summaries[name]["accuracy_before"]}
+    rows = study_results(names, summaries, curves)
+    result = {
+        "baseline": names[0],
+        "settings": {"model": base.model, "data": base.data, "max_steps": base.max_steps, "seed": base.seed,
+                     "batch_size": base.batch_size, "r": base.r, "eval_every": options.eval_every},
+        "accuracy_before": summaries[names[0]]["accuracy_before"],
+        "heldout_loss_before": summaries[names[0]]["heldout_loss_before"],
+        "variants": rows,
+    }
+    table = render_table(rows, names[0])
+    with atomic_path(study_dir / TABLE_FILE) as temporary:
+        temporary.write_text(table + "\n")
+    plot_curves(rows, study_dir / PLOT_FILE, title=f"{base.model} on {base.data}, {base.max_steps} steps")
+    write_json(study_dir / RESULT_FILE, result)
+    print(table)
+    print(f"\nwritten: {study_dir / RESULT_FILE}, {study_dir / TABLE_FILE}, {study_dir / PLOT_FILE}")
+    return result

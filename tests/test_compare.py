@@ -1,0 +1,113 @@
+"""`leanft compare` plumbing on a tiny model: time-to-quality, curves, table, JSON, PNG, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leanft.cli import main
+from leanft.compare import parse_compare_args, run_compare, variant_config
+from leanft.compare_report import render_table, time_to_quality
+from leanft.config import load_config
+from leanft.errors import LeanftError
+
+TINY = ["max_steps=4", "batch_size=4", "num_eval=4", "max_new_tokens=4", "save_steps=50", "dropbp.allocate_at=0.5"]
+
+
+def curve(*points):
+    return [{"step": i, "time_s": t, "heldout_loss": loss} for i, (t, loss) in enumerate(points)]
+
+
+def test_time_to_quality_interpolates_the_first_crossing():
+    points = curve((0.0, 2.0), (10.0, 1.5), (20.0, 0.5), (30.0, 0.4), (40.0, 0.9))
+    assert time_to_quality(points, 1.0) == pytest.approx(15.0)  # halfway between 1.5 @ 10 s and 0.5 @ 20 s
+    assert time_to_quality(points, 0.5) == pytest.approx(20.0)
+    assert time_to_quality(points, 2.0) == 0.0
+    assert time_to_quality(points, 0.3) is None
+
+
+def test_variants_differ_only_in_method_and_dropbp(tmp_path):
+    base = load_config(None, ["lr=3e-3", "max_steps=7", "dropbp.rate=0.25"])
+    uniform = variant_config(base, "paca+dropbp-uniform", tmp_path, eval_every=2)
+    allocated = variant_config(base, "lora+dropbp", tmp_path, eval_every=2)
+    plain = variant_config(base, "lora", tmp_path, eval_every=2)
+    assert (uniform.method, uniform.dropbp.rate, uniform.dropbp.allocate_at) == ("paca", 0.25, None)
+    assert (allocated.method, allocated.dropbp.rate, allocated.dropbp.allocate_at) == ("lora", 0.25, 0.1)
+    assert plain.dropbp.rate == 0.0
+    assert {c.lr for c in (uniform, allocated, plain)} == {3e-3} and plain.max_steps == 7
+    assert uniform.output_dir == str(tmp_path / "paca+dropbp-uniform") and uniform.eval_steps == 2
+
+
+def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data_file, tmp_path):
+    study = tmp_path / "study"
+    variants = "variants=lora,paca+dropbp,paca+dropbp-uniform"
+    items = [f"model={model_dir}", f"data={data_file}", f"output_dir={study}", variants, "eval_every=2", *TINY]
+    result = run_compare(items)
+
+    rows = {row["variant"]: row for row in result["variants"]}
+    assert list(rows) == ["lora", "paca+dropbp", "paca+dropbp-uniform"] and result["baseline"] == "lora"
+    for name, row in rows.items():
+        assert [p["step"] for p in row["curve"]] == [0, 2, 4]
+        times = [p["time_s"] for p in row["curve"]]
+        assert times[0] == 0.0 and times == sorted(times) and row["train_time_s"] == times[-1] > 0
+        assert row["curve"][0]["heldout_loss"] == pytest.approx(result["heldout_loss_before"])
+        summary = json.loads((study / name / "summary.json").read_text())
+        assert row["final_heldout_loss"] == pytest.approx(summary["heldout_loss_after"], rel=1e-5)
+        assert row["time_to_baseline_loss_s"] == time_to_quality(row["curve"], rows["lora"]["final_heldout_loss"])
+    assert rows["lora"]["time_to_quality_ratio"] == 1.0 or rows["lora"]["time_to_baseline_loss_s"] == 0.0
+    assert rows["paca+dropbp"]["dropbp_sensitivities"] is not None
+    assert rows["paca+dropbp-uniform"]["dropbp_rates"] == [0.5] * 4
+    assert rows["lora"]["dropbp_rates"] is None
+
+    on_disk = json.loads((study / "compare.json").read_text())
+    assert on_disk["variants"][1]["curve"] == result["variants"][1]["curve"]
+    assert (study / "compare.md").read_text().strip() == render_table(result["variants"], "lora")
+    assert (study / "compare_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = [json.loads(line) for line in (study / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]
+
+
+def test_table_has_a_row_per_variant_and_dashes_where_not_reached():
+    rows = [
+        {"variant": v, "lr": 1e-3, "steps": 4, "train_time_s": 8.0, "final_heldout_loss": 0.5, "accuracy": 0.25,
+         "time_to_baseline_loss_s": t, "time_to_quality_ratio": r}
+        for v, t, r in (("lora", 8.0, 1.0), ("paca", None, None))
+    ]
+    lines = render_table(rows, "lora").splitlines()
+    assert len(lines) == 4 and "time to lora's final loss" in lines[0]
+    assert lines[2].split("|")[1].strip() == "lora" and "1.00x" in lines[2] and "25.0%" in lines[2]
+    assert lines[3].rstrip(" |").endswith("–")
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["variants=lora,qlora"], "unknown variant"),
+        (["variants=lora,lora"], "twice"),
+        (["eval_every=0"], "eval_every"),
+        (["dropbp.rate=0"], "dropbp.rate > 0"),
+        (["dropbp.allocate_at=null", "variants=lora,paca+dropbp"], "allocate_at"),
+    ],
+)
+def test_bad_compare_input_is_one_clear_error(items, message, tmp_path, capsys):
+    assert main(["compare", f"output_dir={tmp_path / 'study'}", *items]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_finished_study_is_not_overwritten(tmp_path, capsys):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "compare.json").write_text("{}")
+    assert main(["compare", f"output_dir={study}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert (study / "compare.json").read_text() == "{}"
+
+
+def test_parse_keeps_train_keys_for_the_shared_config():
+    options, path, overrides = parse_compare_args(["cfg.yaml", "variants= lora , paca", "lr=1e-3", "eval_every=3"])
+    assert (options.variants, options.eval_every, path, overrides) == ("lora,paca", 3, "cfg.yaml", ["lr=1e-3"])
+    with pytest.raises(LeanftError):
+        parse_compare_args(["variants="])
