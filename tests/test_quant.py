@@ -194,7 +194,7 @@ def test_loader_keeps_the_4bit_layout_and_qpaca_unpacks_a_repacked_model(wide_mo
 
 
 @pytest.mark.parametrize("method", ["paca", "lora"])
-def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_path):
+def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     quick = ["max_steps=2", "save_steps=2", "num_eval=2", "max_new_tokens=2", "dropbp.allocate_at=null"]
     args = run_args(wide_model_dir, data_file, run_dir, f"method={method}", "quantize=4bit", "dropbp.rate=0.5", *quick)
@@ -208,7 +208,9 @@ def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_
     ]
     assert losses and all(loss == loss for loss in losses)  # finite, logged
     out_dir = tmp_path / "merged"
+    capsys.readouterr()
     assert main(["merge", str(run_dir), str(out_dir)]) == 0
+    assert "lossy" in capsys.readouterr().out
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert not any(is_linear4bit(m) for m in plain.modules()) and "quantization_config" not in plain.config.to_dict()
 

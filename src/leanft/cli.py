@@ -69,12 +69,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
-    model, tokenizer, _ = load_run(args.run_dir, device="cpu")
+    model, tokenizer, config = load_run(args.run_dir, device="cpu")
     plain = merged(model)
     with atomic_dir(out_dir) as folder:
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     print(f"merged model written to {out_dir}")
+    if config.quantize:
+        print(f"note: trained on a {config.quantize} base, merged in full precision; quantizing it again is lossy")
     return 0
 
 

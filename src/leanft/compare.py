@@ -44,13 +44,13 @@ class CompareOptions:
     """The keys ``leanft compare`` adds to those of ``leanft train``."""
 
     variants: str = DEFAULT_VARIANTS
-    eval_every: int = 5
+    eval_every: int = 10
 
 
 COMPARE_HELP = (
     f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
     f"choose from {', '.join(VARIANTS)}",
-    "  eval_every (default 5): held-out loss every N optimizer steps (not counted as training time)",
+    "  eval_every (default 10): held-out loss every N optimizer steps (not counted as training time)",
     "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
 )
 

@@ -14,7 +14,7 @@ import yaml
 from leanft.errors import LeanftError
 
 METHODS = ("paca", "lora", "full")
-DEFAULT_LR = {"paca": 1e-3, "lora": 2e-4, "full": 2e-5}
+DEFAULT_LR = {"paca": 3e-3, "lora": 1e-3, "full": 2e-5}
 
 
 def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -48,7 +48,7 @@ class TrainConfig:
     r: int = doc("PaCA columns / LoRA rank per layer", 8)
     lora_alpha: int = doc("LoRA scaling numerator (method=lora)", 16)
     target_modules: str = doc("'all-linear', a regex, or comma-separated name suffixes", "all-linear")
-    lr: float | None = doc("learning rate; default per method: paca 1e-3, lora 2e-4, full 2e-5", None)
+    lr: float | None = doc("learning rate; default per method: paca 3e-3, lora 1e-3, full 2e-5", None)
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
     warmup_ratio: float = doc("share of steps for LR warm-up", 0.05)
     weight_decay: float = doc("AdamW weight decay", 0.0)
