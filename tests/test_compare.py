@@ -39,7 +39,7 @@ def test_variants_differ_only_in_method_and_dropbp(tmp_path):
     assert uniform.output_dir == str(tmp_path / "paca+dropbp-uniform") and uniform.eval_steps == 2
 
 
-def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data_file, tmp_path):
+def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data_file, tmp_path, capsys):
     study = tmp_path / "study"
     variants = "variants=lora,paca+dropbp,paca+dropbp-uniform"
     items = [f"model={model_dir}", f"data={data_file}", f"output_dir={study}", variants, "eval_every=2", *TINY]
@@ -66,6 +66,10 @@ def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data
     assert (study / "compare_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = [json.loads(line) for line in (study / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]
+    capsys.readouterr()  # the final held-out loss (taken from the curve) equals a fresh evaluation of the run
+    assert main(["eval", str(study / "paca+dropbp")]) == 0
+    fresh = json.loads(capsys.readouterr().out)["loss"]
+    assert fresh == pytest.approx(rows["paca+dropbp"]["final_heldout_loss"], rel=1e-5)
 
 
 def test_table_has_a_row_per_variant_and_dashes_where_not_reached():

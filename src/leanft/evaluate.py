@@ -60,9 +60,14 @@ def evaluate(
     records: Sequence[Record],
     features: Sequence[Feature],
     max_new_tokens: int,
+    loss: float | None = None,
 ) -> dict[str, float | None]:
-    """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features."""
-    loss = heldout_loss(model, features, tokenizer.pad_token_id)
+    """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features.
+
+    ``loss``: the held-out loss of this model on ``features`` where it was already measured.
+    """
+    if loss is None:
+        loss = heldout_loss(model, features, tokenizer.pad_token_id)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),

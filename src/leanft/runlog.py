@@ -92,6 +92,10 @@ class HeldoutCurveCallback(TrainerCallback):
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps({**point, "eval_loss": loss}) + "\n")
 
+    def loss_at(self, step: int) -> float | None:
+        """The held-out loss measured at ``step`` in this run, or None."""
+        return next((p["heldout_loss"] for p in self.points if p["step"] == step), None)
+
 
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C stops at once."""

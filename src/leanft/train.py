@@ -256,7 +256,8 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
     else:
         with atomic_dir(run_dir / ADAPTER_DIR) as folder:
             save_trained(model, config.method, folder)
-    after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens)
+    final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
+    after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens, loss=final_loss)
     summary = {
         "method": config.method,
         "lr": config.learning_rate(),
