@@ -92,9 +92,8 @@ def make_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transfor
     return tokenizer
 
 
-def save_tiny_llama(folder, hidden_size: int = 32, intermediate_size: int = 48) -> None:
-    """Save a tiny random Llama with the tiny chat tokenizer (``make_tiny_tokenizer``) as a local HF folder."""
-    tokenizer = make_tiny_tokenizer()
+def tiny_llama_for(tokenizer, hidden_size: int = 32, intermediate_size: int = 48) -> transformers.LlamaForCausalLM:
+    """A tiny random Llama (seed 0) sized for ``tokenizer``'s vocabulary, with its pad / eos / bos ids."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -108,7 +107,13 @@ def save_tiny_llama(folder, hidden_size: int = 32, intermediate_size: int = 48) 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return transformers.LlamaForCausalLM(config)
+
+
+def save_tiny_llama(folder, hidden_size: int = 32, intermediate_size: int = 48) -> None:
+    """Save a tiny random Llama with the tiny chat tokenizer (``make_tiny_tokenizer``) as a local HF folder."""
+    tokenizer = make_tiny_tokenizer()
+    tiny_llama_for(tokenizer, hidden_size, intermediate_size).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -148,3 +153,36 @@ def data_file(tmp_path_factory):
     lines = [json.dumps({"instruction": f"Add one to {i}.", "output": str(i + 1)}) for i in range(40)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def full_weight_grad(module: torch.nn.Module) -> torch.Tensor:
+    """Weight gradient as (out x in), whatever the layout (GPT-2 Conv1D stores in x out)."""
+    grad = module.weight.grad
+    return grad.t() if type(module).__name__ == "Conv1D" else grad
+
+
+def assert_paca_matches_reference(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
+    """Same logits as ``reference`` (exactly), and the same gradients: w.r.t. the input embeddings, and for each
+    PaCA layer's ``P`` the reference's full weight gradient at its columns; only ``P`` trains. Returns the layers."""
+    import leanft
+
+    batch = tiny_batch()
+    embeds = reference.get_input_embeddings()(batch["input_ids"]).detach()
+    ref_embeds, paca_embeds = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
+    inputs = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+
+    ref_out = reference(inputs_embeds=ref_embeds, **inputs)
+    paca_out = model(inputs_embeds=paca_embeds, **inputs)
+    torch.testing.assert_close(paca_out.logits, ref_out.logits, rtol=0, atol=0)
+    ref_out.loss.backward()
+    paca_out.loss.backward()
+
+    torch.testing.assert_close(paca_embeds.grad, ref_embeds.grad, rtol=1e-5, atol=1e-7)
+    layers = leanft.paca_modules(model)
+    assert layers
+    for name, layer in layers.items():
+        expected = full_weight_grad(reference.get_submodule(name))[:, layer.paca_index]
+        torch.testing.assert_close(layer.paca_weight.grad, expected, rtol=1e-5, atol=1e-7)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("paca_weight") for n in trainable)
+    return layers

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, tiny_batch, tiny_model
+from conftest import DECODER, VOCAB, tiny_batch, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -170,16 +170,7 @@ def test_every_branch_dropped_still_gives_a_loss_to_call_backward_on():
 
 def test_models_that_transform_their_logits_are_refused():
     assert chunked_loss_problem(tiny_model("llama")) is None
-    config = transformers.Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=3.0,
-    )
+    config = transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0, **DECODER)
     softcapped = transformers.AutoModelForCausalLM.from_config(config)
     assert "after the head" in chunked_loss_problem(softcapped)
 

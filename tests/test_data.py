@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import transformers
+from conftest import tiny_llama_for
 
 from leanft.data import (
     IGNORE_INDEX,
@@ -156,18 +155,7 @@ def test_exact_match():
 
 
 def test_generate_answers_left_pads_like_single_prompts(tiny_chat_tokenizer):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tiny_chat_tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tiny_chat_tokenizer.pad_token_id,
-        eos_token_id=tiny_chat_tokenizer.eos_token_id,
-    )
-    model = transformers.LlamaForCausalLM(config).train()
+    model = tiny_llama_for(tiny_chat_tokenizer).train()
     prompts = ["What is the capital of France?", "Hi", "Rewrite the date 14 March 2021."]
     batched = generate_answers(model, tiny_chat_tokenizer, prompts, max_new_tokens=5)
     single = [generate_answers(model, tiny_chat_tokenizer, [p], max_new_tokens=5)[0] for p in prompts]

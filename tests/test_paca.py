@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_batch, tiny_model
+from conftest import ARCHITECTURES, assert_paca_matches_reference, tiny_batch, tiny_model
 from torch import nn
 
 import leanft
@@ -15,12 +15,6 @@ from leanft.memory import SavedTensorMeter
 from leanft.paca import PacaLinear, PacaMatmul
 
 PACA_ARCHS = ["llama", "gpt2", "opt", "gpt_neox", "qwen3"]
-
-
-def full_weight_grad(module: nn.Module) -> torch.Tensor:
-    """Weight gradient as (out x in), whatever the layout (GPT-2 Conv1D stores in x out)."""
-    grad = module.weight.grad
-    return grad.t() if type(module).__name__ == "Conv1D" else grad
 
 
 def train_a_little(model: nn.Module, steps: int = 3, lr: float = 0.05) -> None:
@@ -35,26 +29,8 @@ def train_a_little(model: nn.Module, steps: int = 3, lr: float = 0.05) -> None:
 def test_gradients_equal_full_weight_columns(arch):
     reference = tiny_model(arch)
     model = leanft.apply_paca(copy.deepcopy(reference), r=4, seed=1)
-    batch = tiny_batch()
-    embeds = reference.get_input_embeddings()(batch["input_ids"]).detach()
-    ref_embeds = embeds.clone().requires_grad_(True)
-    paca_embeds = embeds.clone().requires_grad_(True)
-    inputs = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-
-    ref_out = reference(inputs_embeds=ref_embeds, **inputs)
-    paca_out = model(inputs_embeds=paca_embeds, **inputs)
-    torch.testing.assert_close(paca_out.logits, ref_out.logits, rtol=0, atol=0)
-    ref_out.loss.backward()
-    paca_out.loss.backward()
-
-    torch.testing.assert_close(paca_embeds.grad, ref_embeds.grad, rtol=1e-5, atol=1e-7)
-    layers = leanft.paca_modules(model)
-    assert layers and all(isinstance(m, PacaLinear) for m in layers.values())
-    for name, layer in layers.items():
-        expected = full_weight_grad(reference.get_submodule(name))[:, layer.paca_index]
-        torch.testing.assert_close(layer.paca_weight.grad, expected, rtol=1e-5, atol=1e-7)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith("paca_weight") for n in trainable)
+    layers = assert_paca_matches_reference(model, reference)
+    assert all(isinstance(m, PacaLinear) for m in layers.values())
 
 
 def test_all_linear_skips_lm_head_and_indices_are_r_distinct_columns():

@@ -8,7 +8,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import save_tiny_llama, tiny_batch, tiny_model
+from conftest import assert_paca_matches_reference, save_tiny_llama, tiny_batch, tiny_model
 from test_cli import run_args
 from transformers import AutoModelForCausalLM
 
@@ -45,26 +45,9 @@ def test_qpaca_gradients_equal_the_dequantized_weight_reference(arch, tmp_path):
     layers = leanft.paca_modules(model)
     assert layers and all(isinstance(layer, QPacaLinear) for layer in layers.values())
     assert not any(is_linear4bit(module) for module in model.modules())
-    batch = tiny_batch()
-    embeds = reference.get_input_embeddings()(batch["input_ids"]).detach()
-    ref_embeds, q_embeds = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
-    inputs = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    assert all(layer.paca_weight.dtype == torch.float32 for layer in layers.values())
     reference.requires_grad_(True)
-
-    ref_out = reference(inputs_embeds=ref_embeds, **inputs)
-    q_out = model(inputs_embeds=q_embeds, **inputs)
-    torch.testing.assert_close(q_out.logits, ref_out.logits, rtol=0, atol=0)
-    ref_out.loss.backward()
-    q_out.loss.backward()
-
-    torch.testing.assert_close(q_embeds.grad, ref_embeds.grad, rtol=1e-5, atol=1e-7)
-    for name, layer in layers.items():
-        expected = reference.get_submodule(name).weight.grad[:, layer.paca_index]
-        assert layer.paca_weight.dtype == torch.float32
-        torch.testing.assert_close(layer.paca_weight.grad, expected, rtol=1e-5, atol=1e-7)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith("paca_weight") for n in trainable)
-
+    assert_paca_matches_reference(model, reference)
 
 def test_qpaca_saves_what_paca_saves_and_no_dequantized_weight(tmp_path):
     quantized, reference = quantized_pair("llama", tmp_path)
