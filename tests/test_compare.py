@@ -59,6 +59,9 @@ def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data
     assert rows["paca+dropbp"]["dropbp_sensitivities"] is not None
     assert rows["paca+dropbp-uniform"]["dropbp_rates"] == [0.5] * 4
     assert rows["lora"]["dropbp_rates"] is None
+    first = json.loads((study / "lora" / "baseline.json").read_text())
+    assert set(first) == {"loss", "perplexity", "accuracy"}
+    assert all(json.loads((study / n / "baseline.json").read_text()) == first for n in rows)  # evaluated once
 
     on_disk = json.loads((study / "compare.json").read_text())
     assert on_disk["variants"][1]["curve"] == result["variants"][1]["curve"]

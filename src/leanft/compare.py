@@ -9,6 +9,7 @@ time-to-quality is the training time at which its held-out loss first reaches th
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -155,7 +156,7 @@ def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict
             "time_to_baseline_loss_s": reached,
             "time_to_quality_ratio": None if reached is None or not baseline_time else reached / baseline_time,
             "dropbp_rates": summary["dropbp_rates"],
-            "dropbp_sensitivities": summary.get("dropbp_sensitivities"),
+            "dropbp_sensitivities": summary["dropbp_sensitivities"],
             "curve": curve,
         })
     return rows
@@ -163,6 +164,8 @@ def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict
 
 def run_compare(items: Sequence[str]) -> dict:
     """Run ``leanft compare`` on its command-line arguments; returns what ``compare.json`` holds."""
+    from leanft.train import BASELINE_FILE
+
     options, path, overrides = parse_compare_args(items)
     base = load_config(path, overrides)
     names = options.variants.split(",")
@@ -174,7 +177,8 @@ def run_compare(items: Sequence[str]) -> dict:
     for index, name in enumerate(names, start=1):
         logger.info("[%d/%d] %s: training %d steps", index, len(names), name, base.max_steps)
         summaries[name], curves[name] = run_variant(configs[name], baseline)
-        baseline = {"loss": summaries[name]["heldout_loss_before"], "accuracy": summaries[name]["accuracy_before"]}
+        if baseline is None:  # the untrained model is the same for every variant: evaluate it once
+            baseline = json.loads((study_dir / names[0] / BASELINE_FILE).read_text())
     rows = study_results(names, summaries, curves)
     result = {
         "baseline": names[0],
