@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"leanft: {interrupt or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        from leanft.distributed import leave_distributed
+
+        leave_distributed()  # torchrun / accelerate ranks: close the process group before exiting
 
 
 if __name__ == "__main__":

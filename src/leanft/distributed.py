@@ -84,6 +84,16 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     return True
 
 
+def leave_distributed() -> None:
+    """Tear down this process's process group, if any, before the process exits.
+
+    A rank that exits with its gloo group still alive can abort in the group's background threads
+    ("terminate called without an active exception") while rank 0 is still writing the run's outputs.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _object_device() -> torch.device | None:
     """Device for object collectives: the current CUDA device under NCCL, else CPU (None)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
