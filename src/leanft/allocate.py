@@ -59,7 +59,8 @@ def preserved_global_state(model: nn.Module, params: Sequence[nn.Parameter]) -> 
             param.grad = grad
 
 
-def _gradients(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], pattern: list[bool]) -> list:
+def gradients_under_pattern(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], pattern: list[bool]) -> list:
+    """Gradients of ``params`` (None where unused) from one forward and backward on ``batch`` with ``pattern``."""
     for param in params:
         param.grad = None
     torch.manual_seed(MEASURE_SEED)
@@ -130,9 +131,9 @@ def _sensitivities_by_paths(ctrl: DropBP, batch: dict, params: Sequence[nn.Param
 def _sensitivities_by_dropping(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter]) -> list[float]:
     """All sensitivities by definition: a forward and backward with each branch alone dropped."""
     count = len(ctrl.branches)
-    reference = _gradients(ctrl, batch, params, [False] * count)
+    reference = gradients_under_pattern(ctrl, batch, params, [False] * count)
     return [
-        _difference_norm(reference, _gradients(ctrl, batch, params, [i == index for i in range(count)]))
+        _difference_norm(reference, gradients_under_pattern(ctrl, batch, params, [i == index for i in range(count)]))
         for index in range(count)
     ]
 
