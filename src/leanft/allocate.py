@@ -138,30 +138,40 @@ def _sensitivities_by_dropping(ctrl: DropBP, batch: dict, params: Sequence[nn.Pa
     ]
 
 
+@contextlib.contextmanager
+def measuring(ctrl: DropBP) -> Iterator[list[nn.Parameter]]:
+    """The trainable parameters, with the model in train mode, for gradient measurements inside the block.
+
+    On exit the RNG state, train/eval flags, ``.grad`` and the controller's current pattern are as before.
+    """
+    params = [param for param in ctrl.model.parameters() if param.requires_grad]
+    if not params:
+        raise LeanftError("the model has no trainable parameters; apply PaCA/LoRA or unfreeze it first")
+    saved_pattern, saved_active = ctrl.dropped, ctrl._active
+    try:
+        with preserved_global_state(ctrl.model, params):
+            ctrl.model.train()
+            yield params
+    finally:
+        ctrl.dropped, ctrl._active = saved_pattern, saved_active
+
+
 def measure_sensitivities(ctrl: DropBP, batch: dict, by_paths: bool | None = None) -> list[float]:
     """Gradient change when each branch alone is dropped, one value per branch, in branch order.
 
     ``by_paths`` picks the single-forward method (default: wherever it applies; see the module docstring).
     """
-    model = ctrl.model
-    params = [param for param in model.parameters() if param.requires_grad]
-    if not params:
-        raise LeanftError("the model has no trainable parameters; apply PaCA/LoRA or unfreeze it first")
-    if "labels" not in batch:
-        raise LeanftError("allocation needs a batch dict with 'labels' (and 'input_ids')")
-    sequence = batch.get("input_ids")
-    if isinstance(sequence, torch.Tensor) and sequence.dim() >= 2:
-        ctrl._set_seq_len(int(sequence.shape[1]))
-    saved_pattern, saved_active = ctrl.dropped, ctrl._active
-    if by_paths is None:
-        sharded = any(isinstance(param, DTensor) for param in params)
-        by_paths = not sharded and all(len(branch.modules) == 1 for branch in ctrl.branches)
-    with preserved_global_state(model, params):
-        model.train()
+    with measuring(ctrl) as params:
+        if "labels" not in batch:
+            raise LeanftError("allocation needs a batch dict with 'labels' (and 'input_ids')")
+        sequence = batch.get("input_ids")
+        if isinstance(sequence, torch.Tensor) and sequence.dim() >= 2:
+            ctrl._set_seq_len(int(sequence.shape[1]))
+        if by_paths is None:
+            sharded = any(isinstance(param, DTensor) for param in params)
+            by_paths = not sharded and all(len(branch.modules) == 1 for branch in ctrl.branches)
         measure = _sensitivities_by_paths if by_paths else _sensitivities_by_dropping
-        sensitivities = measure(ctrl, batch, params)
-    ctrl.dropped, ctrl._active = saved_pattern, saved_active
-    return sensitivities
+        return measure(ctrl, batch, params)
 
 
 def drop_cost(rate: float) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from leanft.allocate import gradients_under_pattern, preserved_global_state
+from leanft.allocate import gradients_under_pattern, measuring
 from leanft.dropbp import DropBP
 from leanft.errors import LeanftError
 
@@ -26,8 +26,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denominator if denominator > 0 else 0.0
 
 
-def gradient_fidelity(ctrl: DropBP, batch: dict, samples: int = 10, seed: int = 1) -> dict[str, float]:
-    """Compare ``samples`` DropBP gradients (patterns drawn from ``ctrl.rates``) on ``batch`` with the full one.
+def gradient_fidelity(ctrl: DropBP, batch: dict, samples: int = 10) -> dict[str, float]:
+    """Compare the DropBP gradients of the next ``samples`` training steps' patterns on ``batch`` with the full one.
 
     Returns ``mean_cosine`` (average cosine of one step's gradient with the full gradient),
     ``cosine_of_mean`` and ``norm_ratio_of_mean`` (the mean of the sampled gradients against the full one).
@@ -35,22 +35,13 @@ def gradient_fidelity(ctrl: DropBP, batch: dict, samples: int = 10, seed: int = 
     """
     if samples < 1:
         raise LeanftError(f"samples must be at least 1, got {samples}")
-    params = [param for param in ctrl.model.parameters() if param.requires_grad]
-    if not params:
-        raise LeanftError("the model has no trainable parameters; apply PaCA/LoRA or unfreeze it first")
-    generator = torch.Generator().manual_seed(seed)
-    rates = torch.tensor(ctrl.rates)
-    saved_pattern, saved_active = ctrl.dropped, ctrl._active
-    with preserved_global_state(ctrl.model, params):
-        ctrl.model.train()
-        full = _flat(gradients_under_pattern(ctrl, batch, params, [False] * len(rates)), params)
+    with measuring(ctrl) as params:
+        full = _flat(gradients_under_pattern(ctrl, batch, params, [False] * len(ctrl.branches)), params)
         cosines, total = [], torch.zeros_like(full)
-        for _ in range(samples):
-            pattern = (torch.rand(len(rates), generator=generator) < rates).tolist()
-            sampled = _flat(gradients_under_pattern(ctrl, batch, params, pattern), params)
+        for step in range(ctrl.step, ctrl.step + samples):
+            sampled = _flat(gradients_under_pattern(ctrl, batch, params, ctrl.sample(step)), params)
             cosines.append(_cosine(sampled, full))
             total += sampled
-    ctrl.dropped, ctrl._active = saved_pattern, saved_active
     mean = total / samples
     return {
         "mean_cosine": sum(cosines) / samples,
