@@ -23,7 +23,7 @@ def run_args(model_dir, data_file, run_dir, *extra):
 
 def test_train_writes_every_artifact(model_dir, data_file, tmp_path):
     run_dir = tmp_path / "run"
-    assert main(run_args(model_dir, data_file, run_dir, "dropbp.allocate_at=0.34")) == 0
+    assert main(run_args(model_dir, data_file, run_dir, "dropbp.rate=0.5", "dropbp.allocate_at=0.34")) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
@@ -49,7 +49,7 @@ class InterruptAt(TrainerCallback):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path):
-    extra = ("dropbp.allocate_at=0.34",)
+    extra = ("dropbp.rate=0.5", "dropbp.allocate_at=0.34")
     assert main(run_args(model_dir, data_file, tmp_path / "straight", *extra)) == 0
     interrupted = load_config(None, run_args(model_dir, data_file, tmp_path / "resumed", *extra)[1:])
     with pytest.raises(KeyboardInterrupt):

@@ -233,7 +233,7 @@ def test_torchrun_leanft_train_writes_once_with_the_same_rates(engine, tmp_path)
     result = torchrun(
         "-m", "leanft", "train", f"model={model}", f"data={data}", f"output_dir={run_dir}", f"fsdp={engine == 'fsdp'}",
         "max_steps=4", "batch_size=2", "save_steps=2", "logging_steps=1", "max_seq_len=64", "num_eval=2",
-        "max_new_tokens=2", "dropbp.allocate_at=0.25", "dropbp.allocation_samples=2",
+        "max_new_tokens=2", "dropbp.rate=0.5", "dropbp.allocate_at=0.25", "dropbp.allocation_samples=2",
     )  # fmt: skip
     assert_ok(result)
     summary = json.loads((run_dir / "summary.json").read_text())

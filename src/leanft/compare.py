@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "full+dropbp-uniform": {"method": "full", "dropbp_on": True, "allocate": False},
 }
 DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
+STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
 RESULT_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare_loss.png"
@@ -50,7 +51,7 @@ class CompareOptions:
 
 COMPARE_HELP = (
     f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
-    f"choose from {', '.join(VARIANTS)}",
+    f"choose from {', '.join(VARIANTS)}; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0)",
     "  eval_every (default 10): held-out loss every N optimizer steps (not counted as training time)",
     "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
 )
@@ -86,7 +87,7 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
     spec = VARIANTS[name]
     dropbp = dataclasses.replace(
         base.dropbp,
-        rate=base.dropbp.rate if spec["dropbp_on"] else 0.0,
+        rate=(base.dropbp.rate or STUDY_DROP_RATE) if spec["dropbp_on"] else 0.0,
         allocate_at=base.dropbp.allocate_at if spec["allocate"] else None,
     )
     config = dataclasses.replace(
@@ -103,8 +104,6 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
 
 def check_study(base: TrainConfig, names: Sequence[str]) -> None:
     """Refuse settings under which the named variants would not be what their names say."""
-    if base.dropbp.rate == 0 and any(VARIANTS[n]["dropbp_on"] for n in names):
-        raise LeanftError("DropBP variants need dropbp.rate > 0 (default 0.5)")
     if base.dropbp.allocate_at is None and any(VARIANTS[n]["allocate"] for n in names):
         raise LeanftError("allocated DropBP variants need dropbp.allocate_at (default 0.1); use *-uniform variants")
     if base.resume:

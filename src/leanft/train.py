@@ -274,7 +274,8 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
         "num_eval": len(eval_records),
         "heldout_curve": curve.points if curve is not None else [],
     }
-    plot_loss_curve(run_dir, title=f"{config.method} + DropBP {config.dropbp.rate}")
+    title = config.method + (f" + DropBP {config.dropbp.rate}" if controller is not None else "")
+    plot_loss_curve(run_dir, title=title)
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
