@@ -48,8 +48,19 @@ class InterruptAt(TrainerCallback):
             signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path):
-    extra = ("dropbp.rate=0.5", "dropbp.allocate_at=0.34")
+RESUMED_DROPBP = {
+    "allocated": ("dropbp.rate=0.5", "dropbp.allocate_at=0.34"),
+    # interrupted inside the schedule's dropping phase, patterns per micro-batch, the authors' sampler and rule
+    "scheduled": (
+        "dropbp.rate=0.5", "dropbp.allocate_at=0.34", "dropbp.warmup=0.34", "dropbp.cooldown=0.17",
+        "dropbp.patterns_per_step=2", "dropbp.sampler=topup", "dropbp.allocation=official",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(RESUMED_DROPBP))
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path, variant):
+    extra = RESUMED_DROPBP[variant]
     assert main(run_args(model_dir, data_file, tmp_path / "straight", *extra)) == 0
     interrupted = load_config(None, run_args(model_dir, data_file, tmp_path / "resumed", *extra)[1:])
     with pytest.raises(KeyboardInterrupt):
@@ -61,6 +72,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert resumed["dropbp_rates"] == straight["dropbp_rates"] and resumed["steps"] == 6
+    assert resumed["dropbp_skipped_share"] == pytest.approx(straight["dropbp_skipped_share"])
+    assert 0 < straight["dropbp_skipped_share"] < 1
     expected = load_file(tmp_path / "straight" / "adapter" / "paca_adapter.safetensors")
     actual = load_file(tmp_path / "resumed" / "adapter" / "paca_adapter.safetensors")
     for key in expected:

@@ -39,6 +39,18 @@ def test_variants_differ_only_in_method_and_dropbp(tmp_path):
     assert uniform.output_dir == str(tmp_path / "paca+dropbp-uniform") and uniform.eval_steps == 2
 
 
+def test_a_variant_sets_its_own_dropbp_keys_after_colons(tmp_path):
+    base = load_config(None, ["dropbp.rate=0.25"])
+    name = "paca+dropbp-uniform:warmup=0.2:patterns_per_step=4:rate=0.5"
+    config = variant_config(base, name, tmp_path, eval_every=2)
+    assert (config.method, config.dropbp.warmup, config.dropbp.patterns_per_step) == ("paca", 0.2, 4)
+    assert config.dropbp.rate == 0.5 and config.dropbp.allocate_at is None and base.dropbp.warmup == 0.0
+    with pytest.raises(LeanftError, match="without DropBP"):
+        variant_config(base, "paca:warmup=0.2", tmp_path, eval_every=2)
+    with pytest.raises(LeanftError, match="patterns_per_step"):
+        variant_config(base, "paca+dropbp:patterns_per_step=3", tmp_path, eval_every=2)
+
+
 def test_dropbp_variants_run_at_the_study_rate_when_train_leaves_dropbp_off(tmp_path):
     base = load_config(None, [])
     assert base.dropbp.rate == 0.0  # leanft train: DropBP is opt-in

@@ -1,4 +1,4 @@
-"""Data pipeline: prompt-masked labels, JSONL validation, packing, collation, built-in task, exact match."""
+"""Data pipeline: prompt-masked labels, JSONL validation, packing, collation, generation, match rate."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from conftest import tiny_llama_for
 
 from leanft.data import (
     IGNORE_INDEX,
-    builtin_task,
     collate,
-    exact_match,
     generate_answers,
     load_jsonl_examples,
+    match_rate,
     pack_features,
     render_prompt,
     tokenize_dataset,
     tokenize_example,
 )
 from leanft.errors import LeanftError
+from leanft.tasks import final_answer_match
 
 RECORD = {"instruction": "What is the capital of France?", "output": "Paris."}
 
@@ -136,22 +136,12 @@ def test_collate_pads_to_longest():
     assert collate(features, pad_token_id=0, pad_to_multiple_of=4)["input_ids"].shape == (2, 4)
 
 
-def test_builtin_task_is_deterministic_and_held_out():
-    train, held_out = builtin_task(seed=3, n_train=500, n_eval=100)
-    assert len(train) == 500 and len(held_out) == 100
-    assert (train, held_out) == builtin_task(seed=3, n_train=500, n_eval=100)
-    assert builtin_task(seed=4, n_train=500, n_eval=100)[1] != held_out
-    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held_out}
-    assert not {r["output"] for r in train} & {r["output"] for r in held_out}  # not even in another style
-    assert builtin_task(seed=3, n_train=50, n_eval=100)[1] == held_out  # held-out set independent of n_train
-    assert all(set(r) == {"instruction", "output"} for r in train + held_out)
-
-
-def test_exact_match():
-    assert exact_match([" Paris\n", "Rome", "x"], ["Paris", "Roma", "x "]) == pytest.approx(2 / 3)
-    assert exact_match([], []) == 0.0
+def test_match_rate():
+    assert match_rate([" Paris\n", "Rome", "x"], ["Paris", "Roma", "x "]) == pytest.approx(2 / 3)
+    assert match_rate(["2 + 3 = 5\nAnswer: 5", "Answer: 4"], ["Answer: 5", "Answer: 6"], final_answer_match) == 0.5
+    assert match_rate([], []) == 0.0
     with pytest.raises(ValueError):
-        exact_match(["a"], [])
+        match_rate(["a"], [])
 
 
 def test_generate_answers_left_pads_like_single_prompts(tiny_chat_tokenizer):

@@ -12,7 +12,11 @@ LM head is never redone). Branches made of several modules, FSDP2's sharded para
 checkpointing (no graph at the branch outputs) use the direct definition: one forward and backward per
 branch, with that branch dropped.
 
-Allocation: every rate starts at ``floor``; while the expected share of skipped backward FLOPs is below
+Two rules (``allocation``): ``"leanft"`` (the default) is the above. ``"official"`` follows the DropBP
+authors' code: sensitivity is the sum over parameter tensors of the squared change of each tensor's gradient
+norm, and the greedy step below costs ``sensitivity * (rate + 0.1)``, not divided by FLOPs.
+
+Allocation (``"leanft"``): every rate starts at ``floor``; while the expected share of skipped backward FLOPs is below
 the target, raise by 0.1 (capped at 0.9) the rate of the branch where that adds the least gradient noise per
 FLOP saved: sensitivity times the rise of ``drop_cost`` (``p / (1 - p)``, convex), over the branch's FLOPs.
 With a cost linear in the rate, the cheapest branches all went to 0.9 and the rest stayed at 0; on SmolLM2
@@ -37,6 +41,7 @@ from leanft.dropbp import MAX_RATE, DropBP, check_rate
 from leanft.errors import LeanftError
 
 STEP = 0.1
+ALLOCATIONS = ("leanft", "official")
 MEASURE_SEED = 1234
 
 
@@ -76,17 +81,32 @@ def gradients_under_pattern(ctrl: DropBP, batch: dict, params: Sequence[nn.Param
     return [None if param.grad is None else param.grad.detach().clone() for param in params]
 
 
-def _difference_norm(reference: list, other: list) -> float:
-    differences = []
-    for ref, grad in zip(reference, other, strict=True):
-        if ref is None and grad is None:
+def _present_pairs(full: list, change: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(full gradient, gradient change) per tensor in float32, zeros where one side is None; both None: left out."""
+    pairs = []
+    for ref, delta in zip(full, change, strict=True):
+        if ref is None and delta is None:
             continue
-        if ref is None:
-            ref = torch.zeros_like(grad)
-        if grad is None:
-            grad = torch.zeros_like(ref)
-        differences.append(ref.float() - grad.float())
-    return squared_norm(differences) ** 0.5
+        ref = torch.zeros_like(delta) if ref is None else ref
+        delta = torch.zeros_like(ref) if delta is None else delta
+        pairs.append((ref.float(), delta.float()))
+    return pairs
+
+
+def norm_of_change(full: list, change: list) -> float:
+    """leanft's sensitivity: the L2 norm of the gradient change over all trainable tensors."""
+    return squared_norm([delta for _, delta in _present_pairs(full, change)]) ** 0.5
+
+
+def tensor_norm_change(full: list, change: list) -> float:
+    """The DropBP authors' sensitivity: sum over tensors of (||g_t|| - ||g_t - change_t||) squared."""
+    pairs = _present_pairs(full, change)
+    before = [squared_norm([ref]) ** 0.5 for ref, _ in pairs]
+    after = [squared_norm([ref - delta]) ** 0.5 for ref, delta in pairs]
+    return sum((a - b) ** 2 for a, b in zip(before, after, strict=True))
+
+
+SENSITIVITIES = {"leanft": norm_of_change, "official": tensor_norm_change}
 
 
 @contextlib.contextmanager
@@ -108,8 +128,8 @@ def _branch_outputs(ctrl: DropBP) -> Iterator[list]:
             handle.remove()
 
 
-def _sensitivities_by_paths(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter]) -> list[float]:
-    """All sensitivities from one forward: the norm of ``J_i^T dL/dy_i`` per branch output ``y_i``."""
+def _sensitivities_by_paths(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], measure) -> list[float]:
+    """All sensitivities from one forward: ``measure`` of the change ``J_i^T dL/dy_i`` per branch output ``y_i``."""
     torch.manual_seed(MEASURE_SEED)
     with ctrl.forced([False] * len(ctrl.branches)), _branch_outputs(ctrl) as outputs:
         loss = ctrl.model(**batch).loss
@@ -117,25 +137,34 @@ def _sensitivities_by_paths(ctrl: DropBP, batch: dict, params: Sequence[nn.Param
         raise LeanftError("allocation needs a batch with labels (the model returned no loss)")
     live = [i for i, output in enumerate(outputs) if output is not None and output.requires_grad]
     if not live:  # e.g. reentrant checkpointing runs the blocks without a graph: measure by definition
-        return _sensitivities_by_dropping(ctrl, batch, params)
+        return _sensitivities_by_dropping(ctrl, batch, params, measure)
+    full = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
     upstream = torch.autograd.grad(loss, [outputs[i] for i in live], retain_graph=True, allow_unused=True)
     sensitivities = [0.0] * len(ctrl.branches)
     for index, grad_output in zip(live, upstream, strict=True):
         if grad_output is None:
             continue
         through = torch.autograd.grad(outputs[index], params, grad_output, retain_graph=True, allow_unused=True)
-        sensitivities[index] = squared_norm([g.float() for g in through if g is not None]) ** 0.5
+        sensitivities[index] = measure(full, list(through))
     return sensitivities
 
 
-def _sensitivities_by_dropping(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter]) -> list[float]:
+def _sensitivities_by_dropping(ctrl: DropBP, batch: dict, params: Sequence[nn.Parameter], measure) -> list[float]:
     """All sensitivities by definition: a forward and backward with each branch alone dropped."""
     count = len(ctrl.branches)
     reference = gradients_under_pattern(ctrl, batch, params, [False] * count)
-    return [
-        _difference_norm(reference, gradients_under_pattern(ctrl, batch, params, [i == index for i in range(count)]))
-        for index in range(count)
-    ]
+    sensitivities = []
+    for index in range(count):
+        dropped = gradients_under_pattern(ctrl, batch, params, [i == index for i in range(count)])
+        change = [None if r is None and d is None else _minus(r, d) for r, d in zip(reference, dropped, strict=True)]
+        sensitivities.append(measure(reference, change))
+    return sensitivities
+
+
+def _minus(reference: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor:
+    if reference is None:
+        return -other.float()
+    return reference.float() if other is None else reference.float() - other.float()
 
 
 @contextlib.contextmanager
@@ -156,11 +185,15 @@ def measuring(ctrl: DropBP) -> Iterator[list[nn.Parameter]]:
         ctrl.dropped, ctrl._active = saved_pattern, saved_active
 
 
-def measure_sensitivities(ctrl: DropBP, batch: dict, by_paths: bool | None = None) -> list[float]:
+def measure_sensitivities(
+    ctrl: DropBP, batch: dict, by_paths: bool | None = None, allocation: str = "leanft"
+) -> list[float]:
     """Gradient change when each branch alone is dropped, one value per branch, in branch order.
 
-    ``by_paths`` picks the single-forward method (default: wherever it applies; see the module docstring).
+    ``by_paths`` picks the single-forward method (default: wherever it applies; see the module docstring);
+    ``allocation`` the measure of the change (``"leanft"``: its norm; ``"official"``: per-tensor norm changes).
     """
+    measure = _allocation_rule(allocation, SENSITIVITIES)
     with measuring(ctrl) as params:
         if "labels" not in batch:
             raise LeanftError("allocation needs a batch dict with 'labels' (and 'input_ids')")
@@ -170,8 +203,14 @@ def measure_sensitivities(ctrl: DropBP, batch: dict, by_paths: bool | None = Non
         if by_paths is None:
             sharded = any(isinstance(param, DTensor) for param in params)
             by_paths = not sharded and all(len(branch.modules) == 1 for branch in ctrl.branches)
-        measure = _sensitivities_by_paths if by_paths else _sensitivities_by_dropping
-        return measure(ctrl, batch, params)
+        method = _sensitivities_by_paths if by_paths else _sensitivities_by_dropping
+        return method(ctrl, batch, params, measure)
+
+
+def _allocation_rule(allocation: str, rules: dict):
+    if allocation not in ALLOCATIONS:
+        raise LeanftError(f"allocation must be one of {', '.join(rules)}, got {allocation!r}")
+    return rules[allocation]
 
 
 def drop_cost(rate: float) -> float:
@@ -184,10 +223,28 @@ def drop_cost(rate: float) -> float:
     return rate / (1.0 - rate)
 
 
+def leanft_step_cost(sensitivity: float, rate: float, flops: float) -> float:
+    """leanft's cost of raising a branch's rate by 0.1: added relative noise ``drop_cost``, per FLOP saved."""
+    return sensitivity * (drop_cost(rate + STEP) - drop_cost(rate)) / flops
+
+
+def official_step_cost(sensitivity: float, rate: float, flops: float) -> float:
+    """The DropBP authors' cost of raising a rate by 0.1: ``sensitivity * (rate + 0.1)``, FLOPs left out."""
+    return sensitivity * (rate + STEP)
+
+
+STEP_COSTS = {"leanft": leanft_step_cost, "official": official_step_cost}
+
+
 def greedy_rates(
-    sensitivities: Sequence[float], flops: Sequence[float], target: float, floor: float = 0.0
+    sensitivities: Sequence[float],
+    flops: Sequence[float],
+    target: float,
+    floor: float = 0.0,
+    allocation: str = "leanft",
 ) -> list[float]:
-    """Raise rates by 0.1 where ``sensitivity * added drop_cost`` per FLOP is lowest until ``target`` is skipped."""
+    """Raise rates by 0.1 where the ``allocation`` rule's step cost is lowest until ``target`` of FLOPs is skipped."""
+    step_cost = _allocation_rule(allocation, STEP_COSTS)
     check_rate(target, "target drop rate")
     if target > MAX_RATE or not 0.0 <= floor <= MAX_RATE:
         raise LeanftError(f"target ({target}) and floor ({floor}) must lie in [0, {MAX_RATE}]")
@@ -199,8 +256,7 @@ def greedy_rates(
         return sum(t * STEP * f for t, f in zip(tenths, flops, strict=True)) / total
 
     def added_cost(i: int) -> float:
-        rate = tenths[i] * STEP
-        return sensitivities[i] * (drop_cost(rate + STEP) - drop_cost(rate)) / flops[i]
+        return step_cost(sensitivities[i], tenths[i] * STEP, flops[i])
 
     while dropped_share() < target - 1e-9:
         open_branches = [i for i, t in enumerate(tenths) if t < max_tenths and flops[i] > 0]

@@ -8,7 +8,11 @@ Add it to any ``Trainer`` (or TRL ``SFTTrainer``)::
 Patterns are drawn by the controller at each training forward. The callback runs the sensitivity-based
 allocation once, after ``allocate_at`` of the optimizer steps (on ``allocation_batch``, or else the first batch
 of the training data loader), gives every data-parallel rank rank 0's rates, and stores the controller's state
-(seed, step, rates) in ``trainer_state.json`` of every checkpoint, from which it is restored on resume.
+(seed, step, rates, FLOPs skipped so far) in ``trainer_state.json`` of every checkpoint, from which it is
+restored on resume. ``warmup`` / ``cooldown`` (shares of the optimizer steps) pause dropping at the start / end
+of training; the schedule is a function of the optimizer step, so a resumed run follows it exactly. With
+``auto_threshold`` the callback also picks the drop rate (``leanft.autorate.choose_rate``) at the allocation
+step (step 0 without allocation), on ``fidelity_batch``; nothing is dropped before that.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from leanft.distributed import broadcast_from_main, prepare_distributed_dropbp
-from leanft.dropbp import DropBP
+from leanft.autorate import choose_rate
+from leanft.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
+from leanft.dropbp import DropBP, check_schedule
 from leanft.errors import LeanftError
 
 logger = logging.getLogger(__name__)
@@ -39,27 +44,49 @@ def _first_batch(loader) -> dict:
     return batch
 
 
+def drops_at(step: int, max_steps: int, warmup: float = 0.0, cooldown: float = 0.0) -> bool:
+    """Whether optimizer step ``step`` (0-based) of ``max_steps`` drops under a warm-up / cool-down schedule."""
+    return round(warmup * max_steps) <= step < max_steps - round(cooldown * max_steps)
+
+
 class DropBPCallback(TrainerCallback, ExportableState):
-    """Runs DropBP's allocation inside ``Trainer`` and saves / restores its state with checkpoints."""
+    """Runs DropBP's allocation and rate schedule inside ``Trainer``; saves / restores its state with checkpoints."""
 
     def __init__(
-        self, controller: DropBP | None = None, allocate_at: float | None = 0.1, allocation_batch: dict | None = None
+        self,
+        controller: DropBP | None = None,
+        allocate_at: float | None = 0.1,
+        allocation_batch: dict | None = None,
+        warmup: float = 0.0,
+        cooldown: float = 0.0,
+        allocation: str = "leanft",
+        auto_threshold: float | None = None,
+        fidelity_batch: dict | None = None,
+        patterns_per_step: int = 1,
     ) -> None:
         if allocate_at is not None and not 0.0 <= allocate_at <= 1.0:
             raise LeanftError(f"allocate_at must be a fraction of training in [0, 1] (or None), got {allocate_at!r}")
+        check_schedule(warmup, cooldown)
         self.controller = controller
         self.allocate_at = allocate_at
         self.allocation_batch = allocation_batch
+        self.warmup, self.cooldown, self.allocation = warmup, cooldown, allocation
+        self.auto_threshold, self.fidelity_batch = auto_threshold, fidelity_batch
+        self.patterns_per_step = patterns_per_step
         self.allocated = False
+        self.auto_choice: dict | None = None
 
     def state(self) -> dict:
-        """What ``trainer_state.json`` keeps: the controller's seed, step and rates, and whether allocation ran."""
+        """What ``trainer_state.json`` keeps: the controller's state, whether allocation ran, the automatic rate."""
         dropbp = None if self.controller is None else self.controller.state_dict()
-        return {"args": {}, "attributes": {"dropbp": dropbp, "allocated": self.allocated}}
+        return {"args": {}, "attributes": {"dropbp": dropbp, "allocated": self.allocated, "auto": self.auto_choice}}
 
-    def _allocation_step(self, state: TrainerState) -> int | None:
-        if self.allocate_at is None or self.controller is None or self.controller.drop_rate == 0:
+    def _decision_step(self, state: TrainerState) -> int | None:
+        """The step that allocates rates and / or picks the automatic rate (None: neither happens)."""
+        if self.controller is None or (self.controller.drop_rate == 0 and self.auto_threshold is None):
             return None
+        if self.allocate_at is None:
+            return 0 if self.auto_threshold is not None else None
         return round(self.allocate_at * state.max_steps)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -70,16 +97,40 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and isinstance(saved, dict) and saved.get("attributes", {}).get("dropbp"):
             self.controller.load_state_dict(saved["attributes"]["dropbp"])
             self.allocated = bool(saved["attributes"].get("allocated"))
+            self.auto_choice = saved["attributes"].get("auto")
             logger.info("DropBP state restored at step %d (rates %s)", state.global_step, self.controller.rates)
         prepare_distributed_dropbp(self.controller, args, kwargs["model"])
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Run the allocation once the configured share of training is done."""
-        at = self._allocation_step(state)
-        if self.allocated or at is None or state.global_step < at:
-            return
-        batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(kwargs["train_dataloader"])
-        rates = self.controller.allocate(batch)
-        self.controller.set_rates(broadcast_from_main(rates))
+        """Allocate / pick the automatic rate once it is time; pause or resume dropping as the schedule says.
+
+        With an automatic rate nothing is dropped before it is chosen.
+        """
+        at = self._decision_step(state)
+        if not self.allocated and at is not None and state.global_step >= at:
+            self._decide(state, kwargs.get("train_dataloader"))
+        waiting = self.auto_threshold is not None and not self.allocated
+        self.controller.paused = waiting or not drops_at(state.global_step, state.max_steps, self.warmup, self.cooldown)
+
+    def _decide(self, state: TrainerState, loader) -> None:
+        """Run the allocation and / or the automatic rate choice; every rank gets rank 0's result."""
+        ctrl = self.controller
+        batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(loader)
+        if self.allocate_at is not None:
+            ctrl.allocate(batch, allocation=self.allocation)
+        if self.auto_threshold is not None:
+            sensitivities = ctrl.sensitivities if self.allocate_at is not None else None
+            fidelity_batch = self.fidelity_batch if self.fidelity_batch is not None else batch
+            choice = choose_rate(
+                ctrl, fidelity_batch, self.auto_threshold, self.patterns_per_step, sensitivities, self.allocation
+            )
+            self.auto_choice = broadcast_from_main(choice)
+            ctrl.drop_rate = self.auto_choice["rate"]
+            logger.info("DropBP rate=auto at step %d: %s", state.global_step, self.auto_choice)
+        ctrl.set_rates(broadcast_from_main(ctrl.rates))
         self.allocated = True
-        logger.info("DropBP allocation at step %d: rates %s", state.global_step, self.controller.rates)
+        logger.info("DropBP allocation at step %d: rates %s", state.global_step, ctrl.rates)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Check that every data-parallel rank drew the same patterns so far (a no-op in one process)."""
+        check_same_on_all_ranks(self.controller.pattern_state(), f"DropBP patterns at step {state.global_step}")

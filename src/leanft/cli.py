@@ -1,4 +1,4 @@
-"""``leanft train | eval | merge | generate | compare | bench``: thin commands over the library.
+"""``leanft train | eval | merge | generate | compare | fidelity | bench``: thin commands over the library.
 
 Bad input ends with one line on stderr and exit code 2; Ctrl-C during training saves a checkpoint first.
 """
@@ -38,11 +38,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Run ``leanft eval``: held-out loss, perplexity and exact-match accuracy."""
+    """Run ``leanft eval``: held-out loss, perplexity and accuracy (a built-in task's scorer, else exact match)."""
     from leanft.config import load_config
     from leanft.data import tokenize_dataset
     from leanft.evaluate import evaluate
     from leanft.models import load_model_and_tokenizer
+    from leanft.tasks import eval_options
     from leanft.train import RUN_CONFIG_FILE, load_records, load_run
 
     path, overrides = _split_config_args(args.items)
@@ -56,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     _, records = load_records(config)
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
-    print(json.dumps(evaluate(model, tokenizer, records, features, config.max_new_tokens), indent=2))
+    print(json.dumps(evaluate(model, tokenizer, records, features, **eval_options(config)), indent=2))
     return 0
 
 
@@ -98,6 +99,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Run ``leanft fidelity``: how close DropBP's gradients come to the full one on a training batch."""
+    from leanft.fidelity_study import parse_options, render, run_study
+
+    path, items = _split_config_args(args.items)
+    config, options = parse_options(path, items)
+    print(render(run_study(config, options)))
+    if options.output is not None:
+        print(f"results written to {options.output}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``leanft bench``."""
     from leanft.bench import run_bench
@@ -109,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``leanft`` argument parser with its sub-commands."""
     from leanft.compare import COMPARE_HELP
     from leanft.config import config_help
+    from leanft.fidelity_study import STUDY_HELP
 
     parser = argparse.ArgumentParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="held-out loss / perplexity / exact match of a run or base model")
+    evaluate = commands.add_parser("eval", help="held-out loss / perplexity / accuracy of a run or base model")
     evaluate.add_argument("items", nargs="*", metavar="RUN_DIR | key=value")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -149,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     compare.set_defaults(func=cmd_compare)
+
+    fidelity = commands.add_parser(
+        "fidelity",
+        help="check whether DropBP suits a model and batch: cosine of DropBP gradients with the full gradient",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="leanft fidelity [CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)\n"
+        "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=fidelity.json",
+        epilog="fidelity keys:\n" + "\n".join(STUDY_HELP) + "\ntrain keys (model, method, data, batch_size, ...):\n"
+        + "\n".join(config_help()),
+    )
+    fidelity.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    fidelity.set_defaults(func=cmd_fidelity)
 
     try:
         from leanft.bench import add_bench_arguments

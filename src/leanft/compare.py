@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from leanft.compare_report import plot_curves, render_table, time_to_quality
-from leanft.config import TrainConfig, load_config
+from leanft.config import TrainConfig, apply_overrides, load_config
 from leanft.errors import LeanftError
 from leanft.fileio import atomic_path, write_json
 
@@ -51,7 +51,8 @@ class CompareOptions:
 
 COMPARE_HELP = (
     f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
-    f"choose from {', '.join(VARIANTS)}; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0)",
+    f"choose from {', '.join(VARIANTS)}; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). "
+    "A variant may set its own DropBP keys after colons: paca+dropbp:warmup=0.2:patterns_per_step=4",
     "  eval_every (default 10): held-out loss every N optimizer steps (not counted as training time)",
     "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
 )
@@ -73,7 +74,7 @@ def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None
         else:
             overrides.append(item)
     names = [name.strip() for name in options.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = [name for name in names if variant_base(name) not in VARIANTS]
     if unknown or not names:
         raise LeanftError(f"unknown variant(s) {unknown or options.variants!r}: choose from {', '.join(VARIANTS)}")
     if len(set(names)) != len(names):
@@ -82,9 +83,21 @@ def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None
     return options, path, overrides
 
 
+def variant_base(name: str) -> str:
+    """The method part of a variant name (``paca+dropbp`` of ``paca+dropbp:warmup=0.2``)."""
+    return name.split(":", 1)[0]
+
+
+def variant_dropbp_overrides(name: str) -> list[str]:
+    """The variant's own DropBP keys as ``dropbp.KEY=VALUE`` items (from ``:KEY=VALUE`` after its method)."""
+    return [f"dropbp.{item}" for item in name.split(":")[1:]]
+
+
 def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
     """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings."""
-    spec = VARIANTS[name]
+    spec = VARIANTS[variant_base(name)]
+    if variant_dropbp_overrides(name) and not spec["dropbp_on"]:
+        raise LeanftError(f"variant {name!r} sets DropBP keys on a method without DropBP")
     dropbp = dataclasses.replace(
         base.dropbp,
         rate=(base.dropbp.rate or STUDY_DROP_RATE) if spec["dropbp_on"] else 0.0,
@@ -99,12 +112,15 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
         resume=False,
         overwrite=False,
     )
-    return config.validate()
+    try:
+        return apply_overrides(config, variant_dropbp_overrides(name)).validate()
+    except LeanftError as error:
+        raise LeanftError(f"variant {name!r}: {error}") from None
 
 
 def check_study(base: TrainConfig, names: Sequence[str]) -> None:
     """Refuse settings under which the named variants would not be what their names say."""
-    if base.dropbp.allocate_at is None and any(VARIANTS[n]["allocate"] for n in names):
+    if base.dropbp.allocate_at is None and any(VARIANTS[variant_base(n)]["allocate"] for n in names):
         raise LeanftError("allocated DropBP variants need dropbp.allocate_at (default 0.1); use *-uniform variants")
     if base.resume:
         raise LeanftError("leanft compare cannot resume: rerun it (overwrite=true replaces the study folder)")
@@ -147,7 +163,8 @@ def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict
             "method": summary["method"],
             "lr": summary["lr"],
             "dropbp_rate": summary["dropbp_rate"],
-            "allocated": VARIANTS[name]["allocate"],
+            "allocated": summary["dropbp_sensitivities"] is not None,
+            "dropbp_skipped_share": summary.get("dropbp_skipped_share", 0.0),
             "steps": summary["steps"],
             "train_time_s": curve[-1]["time_s"],
             "final_heldout_loss": curve[-1]["heldout_loss"],

@@ -35,6 +35,7 @@ def _columns(baseline: str) -> tuple[Column, ...]:
         ("steps", lambda r: str(r["steps"])),
         ("train time (s)", lambda r: fmt(r["train_time_s"], ".0f")),
         ("s/step", lambda r: fmt(r["train_time_s"] / max(r["steps"], 1), ".2f")),
+        ("backward skipped", lambda r: fmt(100 * r.get("dropbp_skipped_share", 0.0), ".0f", "%")),
         ("final held-out loss", lambda r: fmt(r["final_heldout_loss"], ".4f")),
         ("exact match", lambda r: fmt(None if r["accuracy"] is None else 100 * r["accuracy"], ".1f", "%")),
         (f"time to {baseline}'s final loss (s)", lambda r: fmt(r["time_to_baseline_loss_s"], ".0f")),

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from leanft.allocate import ALLOCATIONS
+from leanft.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
+from leanft.dropbp import SAMPLERS, check_schedule
 from leanft.errors import LeanftError
+from leanft.tasks import builtin_task
 
 METHODS = ("paca", "lora", "full")
 DEFAULT_LR = {"paca": 3e-3, "lora": 1e-3, "full": 2e-5}
@@ -28,16 +32,67 @@ def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 class DropBPConfig:
     """DropBP settings (``dropbp.KEY=VALUE`` on the command line)."""
 
-    rate: float = doc(
+    rate: float | str = doc(
         "target drop rate in [0, 1): share of the branches' backward FLOPs skipped; 0 = off (the default: on the "
-        "measured tasks DropBP costs quality per step, see the README)",
+        "measured tasks DropBP costs quality per step, see the README); auto = the largest of 0.5..0.1 whose "
+        "gradient fidelity stays >= auto_threshold (measured at allocate_at; off when none does)",
         0.0,
+    )
+    auto_threshold: float = doc(
+        "rate=auto: lowest accepted mean per-tensor cosine of a step's DropBP gradient with the full one",
+        DEFAULT_THRESHOLD,
     )
     allocate_at: float | None = doc(
         "fraction of training after which sensitivity-based allocation sets per-branch rates; null = keep uniform",
         0.1,
     )
     allocation_samples: int = doc("examples for the sensitivity measurement (one forward+backward per branch)", 2)
+    allocation: str = doc(
+        "leanft | official: sensitivity and greedy cost of the allocation (official: the DropBP authors' rule)",
+        "leanft",
+    )
+    sampler: str = doc(
+        "bernoulli | topup: independent draws, or the authors' top-up to drop_rate of the branches", "bernoulli"
+    )
+    patterns_per_step: int = doc(
+        "drop patterns per optimizer step: the batch runs as this many micro-batches, each with its own pattern "
+        "(same examples and effective batch; must divide batch_size)",
+        1,
+    )
+    warmup: float = doc("share of the steps at the start that drop nothing (a rate schedule's warm-up)", 0.0)
+    cooldown: float = doc("share of the steps at the end that drop nothing (a rate schedule's cool-down)", 0.0)
+
+
+    @property
+    def enabled(self) -> bool:
+        """Whether DropBP is attached at all (a rate above 0, or auto)."""
+        return self.rate == "auto" or self.rate > 0
+
+    def initial_rate(self) -> float:
+        """The rate the controller starts with (auto: the largest candidate, paused until the choice)."""
+        return max(CANDIDATE_RATES) if self.rate == "auto" else float(self.rate)
+
+    def validate(self, batch_size: int) -> None:
+        """Raise a LeanftError naming the first bad DropBP value (``batch_size``: examples per device per step)."""
+        if self.rate != "auto" and not (isinstance(self.rate, float) and 0.0 <= self.rate < 1.0):
+            raise LeanftError(f"dropbp.rate must be in [0, 1) (0 = off) or auto, got {self.rate}")
+        if not 0.0 < self.auto_threshold <= 1.0:
+            raise LeanftError(f"dropbp.auto_threshold must be in (0, 1], got {self.auto_threshold}")
+        if self.allocate_at is not None and not 0.0 <= self.allocate_at <= 1.0:
+            raise LeanftError(f"dropbp.allocate_at must be in [0, 1] or null, got {self.allocate_at}")
+        if self.allocation not in ALLOCATIONS:
+            raise LeanftError(f"dropbp.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.sampler not in SAMPLERS:
+            raise LeanftError(f"dropbp.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.patterns_per_step < 1 or batch_size % self.patterns_per_step:
+            raise LeanftError(
+                f"dropbp.patterns_per_step must be >= 1 and divide batch_size ({batch_size}), "
+                f"got {self.patterns_per_step}"
+            )
+        try:
+            check_schedule(self.warmup, self.cooldown)
+        except LeanftError as error:
+            raise LeanftError(f"dropbp.{error}") from None
 
 
 @dataclass
@@ -45,7 +100,11 @@ class TrainConfig:
     """Everything ``leanft train`` needs; every field can be set in YAML or as ``key=value``."""
 
     model: str = doc("local HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)", "default")
-    data: str = doc("JSONL file ({instruction,input,output} or {messages}) or 'builtin' (generated task)", "builtin")
+    data: str = doc(
+        "JSONL file ({instruction,input,output} or {messages}) or a generated task: builtin:dates (= builtin, "
+        "saturates fast) or builtin:arith (multi-step word problems, worked answers, scored on the final number)",
+        "builtin",
+    )
     eval_data: str | None = doc("held-out JSONL; default: the built-in task's held-out split, or 5% of data", None)
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc("paca | lora | full", "paca")
@@ -73,7 +132,7 @@ class TrainConfig:
     seed: int = doc("seed of data order, PaCA columns and DropBP patterns", 0)
     num_train: int = doc("built-in task: training examples", 2000)
     num_eval: int = doc("held-out examples for exact-match accuracy", 100)
-    max_new_tokens: int = doc("generation length for exact-match accuracy", 24)
+    max_new_tokens: int | None = doc("generation length for accuracy; null = the built-in task's own, else 24", None)
     logging_steps: int = doc("log loss every N steps (metrics.jsonl)", 5)
     eval_steps: int = doc("held-out loss every N steps (metrics.jsonl, loss curve); 0 = only before and after", 20)
     save_steps: int = doc("checkpoint every N steps", 50)
@@ -90,10 +149,7 @@ class TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
         if self.method not in METHODS:
             raise LeanftError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not 0.0 <= self.dropbp.rate < 1.0:
-            raise LeanftError(f"dropbp.rate must be in [0, 1) (0 = off), got {self.dropbp.rate}")
-        if self.dropbp.allocate_at is not None and not 0.0 <= self.dropbp.allocate_at <= 1.0:
-            raise LeanftError(f"dropbp.allocate_at must be in [0, 1] or null, got {self.dropbp.allocate_at}")
+        self.dropbp.validate(self.batch_size)
         if self.ddp_timeout < 1:
             raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         if self.fsdp and self.resume:
@@ -101,6 +157,9 @@ class TrainConfig:
         for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
+        builtin_task(self.data)  # a LeanftError naming the built-in tasks for an unknown builtin:NAME
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:
             raise LeanftError(f"eval_steps must be >= 0 (0 = only before and after training), got {self.eval_steps}")
         if self.quantize not in (None, "4bit"):
@@ -185,12 +244,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise LeanftError(f"{source} must hold a mapping of config keys")
         for key, value in data.items():
             _assign(config, str(key), value)
+    return apply_overrides(config, overrides).validate()
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Set ``key=value`` items (YAML values; nested keys with dots) on ``config`` in place; returns it, unvalidated."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LeanftError(f"expected key=value, got {item!r}")
         _assign(config, key.strip(), yaml.safe_load(value) if value.strip() else value)
-    return config.validate()
+    return config
 
 
 def config_help(cls=TrainConfig, prefix: str = "") -> list[str]:

@@ -3,13 +3,12 @@
 A record is either ``{"instruction", "input" (optional), "output"}`` or ``{"messages": [{"role", "content"}]}``.
 It is rendered with the tokenizer's chat template (a plain ``### Instruction`` / ``### Response`` format when
 the tokenizer has none) and labels are ``-100`` everywhere except on the assistant's tokens, which end with
-the EOS token. The module also holds a built-in synthetic task and an exact-match evaluation helper.
+the EOS token. The module also holds greedy generation and an accuracy helper (built-in tasks: ``leanft.tasks``).
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leanft.errors import LeanftError
+from leanft.tasks import Scorer, same_text
 
 IGNORE_INDEX = -100
 Record = dict
@@ -219,35 +219,6 @@ def collate(
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
-# --------------------------------------------------------------------------- built-in task
-
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")  # fmt: skip
-BUILTIN_TASK = "date conversion: '14 March 2021', 'March 14, 2021' or '14 Mar 2021' -> '2021-03-14'"
-BUILTIN_MAX_NEW_TOKENS = 16
-
-
-def builtin_task(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[list[Record], list[Record]]:
-    """A synthetic date-conversion task as ``(train, held_out)`` instruction records, fixed by ``seed``.
-
-    Each record asks to rewrite a date (1900-2099, written in one of three styles) as ``YYYY-MM-DD``.
-    No date of the held-out split appears in the training split, in any style. SmolLM2-135M-Instruct
-    gets few of these exactly right before fine-tuning and nearly all after a few minutes of it.
-    """
-    if n_train + n_eval > 200 * 12 * 28:
-        raise LeanftError(f"the built-in task has {200 * 12 * 28} distinct dates: ask for fewer examples")
-    rng = random.Random(seed)
-    records: dict[str, Record] = {}
-    while len(records) < n_train + n_eval:
-        year, month, day = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
-        name = MONTHS[month - 1]
-        text = rng.choice([f"{day} {name} {year}", f"{name} {day}, {year}", f"{day} {name[:3]} {year}"])
-        answer = f"{year}-{month:02d}-{day:02d}"
-        records.setdefault(answer, {"instruction": f"Convert the date to YYYY-MM-DD: {text}", "output": answer})
-    items = list(records.values())
-    return items[n_eval:], items[:n_eval]
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -286,10 +257,13 @@ def generate_answers(
     return answers
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of predictions equal to their reference after stripping whitespace (0.0 when empty)."""
+def match_rate(predictions: Sequence[str], references: Sequence[str], correct: Scorer = same_text) -> float:
+    """Fraction of predictions that ``correct(prediction, reference)`` accepts (0.0 when empty).
+
+    The default is exact match after stripping whitespace.
+    """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
+    return sum(map(correct, predictions, references)) / len(references)

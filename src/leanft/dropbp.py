@@ -7,9 +7,16 @@ does not re-enter the model's forward) sees the pattern of its own step. A dropp
 ``torch.no_grad()``: its output is bit-identical, it builds no graph and saves no activations, and
 its parameters get no gradient.
 
-Sampling: each branch is dropped independently with its own rate (a Bernoulli draw per branch and
-step). This is unbiased: the expected dropped share of backward FLOPs equals the target, and its
-average over steps converges to it; a single step varies around it.
+Sampling (``sampler``): ``"bernoulli"`` drops each branch independently with its own rate (a draw per
+branch and forward). The expected dropped share of backward FLOPs equals the target, and its average over
+steps converges to it; a single forward varies around it. ``"topup"`` (the DropBP authors' sampler) then,
+when fewer than ``drop_rate`` of the branches (by count) were drawn, drops more, highest rates first, until
+that share is reached; it skips more than the target on average.
+
+While ``paused`` (a warm-up or cool-down of a rate schedule) nothing is dropped, and the step still advances.
+``realised_drop_fraction()`` is the share of the branches' backward FLOPs actually skipped over all training
+forwards so far, and ``pattern_checksum`` a running checksum of every pattern drawn (both kept in
+``state_dict``, so they survive a resume; equal checksums on data-parallel ranks mean identical patterns).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from leanft.blocks import Branch, find_branches
 from leanft.errors import LeanftError
 
 MAX_RATE = 0.9
+SAMPLERS = ("bernoulli", "topup")
+CHECKSUM_MODULUS = 2**61 - 1
 
 
 def check_rate(rate: float, what: str = "drop_rate") -> float:
@@ -31,6 +40,14 @@ def check_rate(rate: float, what: str = "drop_rate") -> float:
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
         raise LeanftError(f"{what} must be a number in [0, 1) (0 = DropBP off), got {rate!r}")
     return float(rate)
+
+
+def check_schedule(warmup: float, cooldown: float) -> None:
+    """Raise a LeanftError unless ``warmup`` and ``cooldown`` are shares of training in [0, 1] adding up to <= 1."""
+    if not (0.0 <= warmup <= 1.0 and 0.0 <= cooldown <= 1.0 and warmup + cooldown <= 1.0):
+        raise LeanftError(
+            f"warmup and cooldown must be shares of training in [0, 1] adding up to at most 1, got {warmup}, {cooldown}"
+        )
 
 
 class DropBP:
@@ -44,8 +61,12 @@ class DropBP:
         blocks: str | None = None,
         attn: str | None = None,
         mlp: str | None = None,
+        sampler: str = "bernoulli",
     ) -> None:
         self.drop_rate = check_rate(drop_rate)
+        if sampler not in SAMPLERS:
+            raise LeanftError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        self.sampler = sampler
         self.seed = int(seed)
         self.model = model
         self.branches: list[Branch] = find_branches(model, blocks=blocks, attn=attn, mlp=mlp)
@@ -53,6 +74,10 @@ class DropBP:
         self.dropped: list[bool] = [False] * len(self.branches)
         self.sensitivities: list[float] | None = None
         self.step = 0
+        self.paused = False
+        self.skipped_flops = 0.0
+        self.total_flops = 0.0
+        self.pattern_checksum = 0
         self._active = False
         self._forced: list[bool] | None = None
         self._generator = torch.Generator()
@@ -102,9 +127,14 @@ class DropBP:
             self._set_seq_len(seq_len)
         if self._forced is not None:
             self.dropped = list(self._forced)
-        else:
-            self.dropped = self.sample(self.step)
-            self.step += 1
+            return
+        self.dropped = [False] * len(self.branches) if self.paused else self.sample(self.step)
+        self.step += 1
+        total = sum(branch.flops for branch in self.branches)
+        self.total_flops += total
+        self.skipped_flops += self.dropped_fraction() * total
+        bits = sum(1 << i for i, dropped in enumerate(self.dropped) if dropped)
+        self.pattern_checksum = (self.pattern_checksum * 1_000_003 + bits + 1) % CHECKSUM_MODULUS
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
         """Keep ``loss.backward()`` callable when the step dropped every trainable path.
@@ -128,7 +158,14 @@ class DropBP:
         """The drop pattern of training step ``step`` (a pure function of seed, step and rates)."""
         self._generator.manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.rates), generator=self._generator)
-        return [bool(u < rate) for u, rate in zip(draws.tolist(), self.rates, strict=True)]
+        pattern = [bool(u < rate) for u, rate in zip(draws.tolist(), self.rates, strict=True)]
+        if self.sampler == "topup":
+            wanted = self.drop_rate * len(pattern)
+            for index in sorted(range(len(pattern)), key=lambda i: (-self.rates[i], i)):
+                if sum(pattern) >= wanted - 1e-9:
+                    break
+                pattern[index] = True
+        return pattern
 
     @contextlib.contextmanager
     def forced(self, pattern: Sequence[bool]) -> Iterator[None]:
@@ -163,24 +200,50 @@ class DropBP:
         pattern = self.dropped if pattern is None else pattern
         return self.expected_drop_fraction([float(p) for p in pattern])
 
-    def allocate(self, batch: dict, target: float | None = None, floor: float = 0.0) -> list[float]:
-        """Sensitivity-based allocation of drop rates on ``batch``; sets and returns ``self.rates``."""
+    def realised_drop_fraction(self) -> float:
+        """Share of the branches' backward FLOPs skipped over every training forward so far (0 before any)."""
+        return self.skipped_flops / self.total_flops if self.total_flops > 0 else 0.0
+
+    def allocate(
+        self, batch: dict, target: float | None = None, floor: float = 0.0, allocation: str = "leanft"
+    ) -> list[float]:
+        """Sensitivity-based allocation of drop rates on ``batch``; sets and returns ``self.rates``.
+
+        ``allocation``: ``"leanft"`` or ``"official"`` (the DropBP authors' rule; see ``leanft.allocate``).
+        """
         from leanft.allocate import greedy_rates, measure_sensitivities
 
-        self.sensitivities = measure_sensitivities(self, batch)
+        self.sensitivities = measure_sensitivities(self, batch, allocation=allocation)
         flops = [branch.flops for branch in self.branches]
-        self.set_rates(greedy_rates(self.sensitivities, flops, self.drop_rate if target is None else target, floor))
+        target = self.drop_rate if target is None else target
+        self.set_rates(greedy_rates(self.sensitivities, flops, target, floor, allocation))
         return self.rates
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume with the same rates and the same patterns."""
-        return {"seed": self.seed, "step": self.step, "drop_rate": self.drop_rate, "rates": list(self.rates)}
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "drop_rate": self.drop_rate,
+            "rates": list(self.rates),
+            "skipped_flops": self.skipped_flops,
+            "total_flops": self.total_flops,
+            "pattern_checksum": self.pattern_checksum,
+        }
+
+    def pattern_state(self) -> dict:
+        """What fixes the patterns drawn so far and from now on (equal on every data-parallel rank)."""
+        keys = ("seed", "step", "drop_rate", "rates", "pattern_checksum")
+        return {key: value for key, value in self.state_dict().items() if key in keys}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output."""
         self.seed, self.step, self.drop_rate = int(state["seed"]), int(state["step"]), float(state["drop_rate"])
         self.set_rates(state["rates"])
+        self.skipped_flops = float(state.get("skipped_flops", 0.0))  # absent in checkpoints of older versions
+        self.total_flops = float(state.get("total_flops", 0.0))
+        self.pattern_checksum = int(state.get("pattern_checksum", 0))
 
 
 def _sequence_length(args: tuple, kwargs: dict) -> int | None:
@@ -200,10 +263,12 @@ def apply_dropbp(
     blocks: str | None = None,
     attn: str | None = None,
     mlp: str | None = None,
+    sampler: str = "bernoulli",
 ) -> DropBP:
     """Attach DropBP to ``model`` in place and return its controller.
 
     ``blocks`` (dotted path of the decoder-block ModuleList), ``attn`` and ``mlp`` (sub-module names
     in a block; join several with ``+``) point leanft at the branches of architectures it cannot map.
+    ``sampler``: ``"bernoulli"`` (independent draws) or ``"topup"`` (see the module docstring).
     """
-    return DropBP(model, drop_rate=drop_rate, seed=seed, blocks=blocks, attn=attn, mlp=mlp)
+    return DropBP(model, drop_rate=drop_rate, seed=seed, blocks=blocks, attn=attn, mlp=mlp, sampler=sampler)

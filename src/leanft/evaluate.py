@@ -1,4 +1,4 @@
-"""Held-out loss, perplexity and exact-match accuracy of a model on instruction / chat records."""
+"""Held-out loss, perplexity and accuracy (exact match, or a task's scorer) of a model on instruction / chat records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from leanft.data import IGNORE_INDEX, Feature, Record, collate, exact_match, generate_answers, user_text
+from leanft.data import IGNORE_INDEX, Feature, Record, collate, generate_answers, match_rate, user_text
+from leanft.tasks import Scorer, same_text
 
 
 def heldout_loss(model: nn.Module, features: Sequence[Feature], pad_token_id: int, batch_size: int = 8) -> float:
@@ -30,7 +31,7 @@ def heldout_loss(model: nn.Module, features: Sequence[Feature], pad_token_id: in
 
 
 def reference_pairs(records: Sequence[Record]) -> tuple[list[str], list[str]]:
-    """(prompts, references) for exact match: instruction records and single-turn chats."""
+    """(prompts, references) for accuracy: instruction records and single-turn chats."""
     prompts, references = [], []
     for record in records:
         if "messages" not in record:
@@ -45,13 +46,21 @@ def reference_pairs(records: Sequence[Record]) -> tuple[list[str], list[str]]:
 
 
 def accuracy(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_new_tokens: int
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    max_new_tokens: int,
+    correct: Scorer = same_text,
 ) -> float | None:
-    """Exact-match accuracy of greedy answers (None when no record has a single reference answer)."""
+    """Share of greedy answers that ``correct(prediction, reference)`` accepts, by default exact match.
+
+    None when no record has a single reference answer.
+    """
     prompts, references = reference_pairs(records)
     if not prompts:
         return None
-    return exact_match(generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens), references)
+    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return match_rate(predictions, references, correct)
 
 
 def evaluate(
@@ -61,15 +70,17 @@ def evaluate(
     features: Sequence[Feature],
     max_new_tokens: int,
     loss: float | None = None,
+    correct: Scorer = same_text,
 ) -> dict[str, float | None]:
     """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features.
 
-    ``loss``: the held-out loss of this model on ``features`` where it was already measured.
+    ``loss``: the held-out loss of this model on ``features`` where it was already measured; ``correct``: the
+    accuracy scorer (see ``accuracy``).
     """
     if loss is None:
         loss = heldout_loss(model, features, tokenizer.pad_token_id)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": accuracy(model, tokenizer, records, max_new_tokens),
+        "accuracy": accuracy(model, tokenizer, records, max_new_tokens, correct),
     }

@@ -54,9 +54,9 @@ def attach_method(
     raise LeanftError(f"method must be paca, lora or full, got {method!r}")
 
 
-def attach_dropbp(model: nn.Module, rate: float, seed: int) -> DropBP | None:
-    """DropBP on ``model`` at ``rate`` (None when the rate is 0)."""
-    return apply_dropbp(model, drop_rate=rate, seed=seed) if rate > 0 else None
+def attach_dropbp(model: nn.Module, rate: float, seed: int, sampler: str = "bernoulli") -> DropBP | None:
+    """DropBP on ``model`` at ``rate`` with ``sampler`` (None when the rate is 0)."""
+    return apply_dropbp(model, drop_rate=rate, seed=seed, sampler=sampler) if rate > 0 else None
 
 
 def save_trained(model: nn.Module, method: str, folder: str | Path) -> Path:

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 from leanft.callback import DropBPCallback
 from leanft.chunked_loss import chunked_loss_for
 from leanft.config import TrainConfig, config_to_dict, load_config
-from leanft.data import builtin_task, collate, load_jsonl_examples, tokenize_dataset
+from leanft.data import collate, load_jsonl_examples, tokenize_dataset
 from leanft.distributed import (
     full_state_dict,
     init_distributed,
@@ -44,6 +44,7 @@ from leanft.models import load_model_and_tokenizer
 from leanft.paca import load_paca, paca_modules, save_paca
 from leanft.quant import trainer_accepts
 from leanft.runlog import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
+from leanft.tasks import builtin_task, eval_options
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,10 @@ def start_run_dir(run_dir: Path, config: TrainConfig) -> None:
 
 
 def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records) from the built-in task or JSONL files."""
-    if config.data == "builtin":
-        return builtin_task(seed=config.seed, n_train=config.num_train, n_eval=config.num_eval)
+    """(training records, held-out records) from a built-in task or JSONL files."""
+    task = builtin_task(config.data)
+    if task is not None:
+        return task.generate(config.seed, config.num_train, config.num_eval)
     records = load_jsonl_examples(config.data)
     if config.eval_data is not None:
         return records, load_jsonl_examples(config.eval_data)[: config.num_eval]
@@ -154,12 +156,17 @@ def use_bf16(config: TrainConfig) -> bool:
 
 
 def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
-    """The ``TrainingArguments`` for a run (checkpoints in the run folder, no external reporting)."""
+    """The ``TrainingArguments`` for a run (checkpoints in the run folder, no external reporting).
+
+    With DropBP on, ``dropbp.patterns_per_step`` micro-batches make up each device's batch (each forward draws
+    its own pattern); the examples of a step and the effective batch stay the same.
+    """
+    micro = config.dropbp.patterns_per_step if dropbp_on else 1
     return TrainingArguments(
         output_dir=str(run_dir),
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        per_device_train_batch_size=config.batch_size // micro,
+        gradient_accumulation_steps=config.grad_accum * micro,
         learning_rate=config.learning_rate(),
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=round(config.warmup_ratio * config.max_steps),
@@ -182,12 +189,33 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
     )
 
 
+def dropbp_callback(config: TrainConfig, controller, features: list, collator, device) -> DropBPCallback:
+    """The DropBP callback of a run: allocation on the first examples, schedule, automatic rate."""
+    settings = config.dropbp
+
+    def first(count: int) -> dict:
+        return {key: value.to(device) for key, value in collator(features[:count]).items()}
+
+    auto = settings.rate == "auto"
+    return DropBPCallback(
+        controller,
+        settings.allocate_at,
+        first(settings.allocation_samples),
+        settings.warmup,
+        settings.cooldown,
+        settings.allocation,
+        auto_threshold=settings.auto_threshold if auto else None,
+        fidelity_batch=first(config.batch_size) if auto else None,
+        patterns_per_step=settings.patterns_per_step,
+    )
+
+
 def _baseline(run_dir: Path, model, tokenizer, records, features, config: TrainConfig, known: dict | None) -> dict:
     """Held-out metrics of the untrained model, computed once per run folder (or ``known`` already)."""
     path = run_dir / BASELINE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    baseline = known if known is not None else evaluate(model, tokenizer, records, features, config.max_new_tokens)
+    baseline = known if known is not None else evaluate(model, tokenizer, records, features, **eval_options(config))
     write_json(path, baseline)
     return baseline
 
@@ -213,7 +241,7 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
         before = _baseline(run_dir, model, tokenizer, eval_records, eval_features, config, baseline)
 
     model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
-    controller = attach_dropbp(model, config.dropbp.rate, config.seed)
+    controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.fsdp:
@@ -226,9 +254,8 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
         curve = HeldoutCurveCallback(run_dir, eval_features, tokenizer.pad_token_id, config.eval_steps)
         callbacks.append(curve)
     if controller is not None:
-        allocation = collator(features[: config.dropbp.allocation_samples])
-        allocation = {key: value.to(next(model.parameters()).device) for key, value in allocation.items()}
-        callbacks.append(DropBPCallback(controller, config.dropbp.allocate_at, allocation))
+        dropbp = dropbp_callback(config, controller, features, collator, next(model.parameters()).device)
+        callbacks.append(dropbp)
         if world_size() > 1 and not config.fsdp:
             logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
     trainer = LeanftTrainer(
@@ -257,13 +284,15 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
         with atomic_dir(run_dir / ADAPTER_DIR) as folder:
             save_trained(model, config.method, folder)
     final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
-    after = evaluate(model, tokenizer, eval_records, eval_features, config.max_new_tokens, loss=final_loss)
+    after = evaluate(model, tokenizer, eval_records, eval_features, loss=final_loss, **eval_options(config))
     summary = {
         "method": config.method,
         "lr": config.learning_rate(),
-        "dropbp_rate": config.dropbp.rate,
+        "dropbp_rate": controller.drop_rate if controller is not None else 0.0,
+        "dropbp_auto": dropbp.auto_choice if controller is not None else None,
         "dropbp_rates": controller.rates if controller is not None else None,
         "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
+        "dropbp_skipped_share": controller.realised_drop_fraction() if controller is not None else 0.0,
         "steps": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(run_log.tokens_per_second(trainer.state), 1),
@@ -274,7 +303,7 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
         "num_eval": len(eval_records),
         "heldout_curve": curve.points if curve is not None else [],
     }
-    title = config.method + (f" + DropBP {config.dropbp.rate}" if controller is not None else "")
+    title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
     plot_loss_curve(run_dir, title=title)
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary

@@ -1,0 +1,55 @@
+"""``dropbp.rate=auto``: the largest drop rate whose gradient fidelity stays above a threshold.
+
+DropBP's gradient misses every path through a dropped branch; on some models (SmolLM2-135M among them) that
+turns a step's gradient away from the full one even at moderate rates, and training then loses quality per
+step. ``choose_rate`` measures, on one batch, how well a step's DropBP gradient follows the full gradient at
+each candidate rate (``gradient_fidelity``'s ``mean_tensor_cosine``, with the run's patterns per step) and keeps
+the largest rate that stays at or above ``threshold``; when none does, DropBP stays off (rate 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from leanft.allocate import greedy_rates
+from leanft.dropbp import DropBP
+from leanft.errors import LeanftError
+from leanft.fidelity import gradient_fidelity
+
+CANDIDATE_RATES = (0.5, 0.4, 0.3, 0.2, 0.1)
+DEFAULT_THRESHOLD = 0.8
+FIDELITY_SAMPLES = 3
+
+
+def choose_rate(
+    ctrl: DropBP,
+    batch: dict,
+    threshold: float = DEFAULT_THRESHOLD,
+    patterns_per_step: int = 1,
+    sensitivities: Sequence[float] | None = None,
+    allocation: str = "leanft",
+    candidates: Sequence[float] = CANDIDATE_RATES,
+    samples: int = FIDELITY_SAMPLES,
+) -> dict:
+    """Set ``ctrl`` to the largest candidate rate whose fidelity on ``batch`` is >= ``threshold`` (else rate 0).
+
+    Candidates are tried from the largest down. With ``sensitivities`` each candidate's per-branch rates are
+    allocated from them (``greedy_rates`` under ``allocation``), else they are uniform. Returns ``{"rate",
+    "fidelity", "threshold", "tried": [{"rate", "fidelity"}, ...]}``; ``fidelity`` is the chosen rate's (None
+    when DropBP ends up off).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise LeanftError(f"the fidelity threshold must be in (0, 1], got {threshold}")
+    flops = [branch.flops for branch in ctrl.branches]
+    tried = []
+    for rate in sorted(candidates, reverse=True):
+        rates = greedy_rates(sensitivities, flops, rate, allocation=allocation) if sensitivities else None
+        ctrl.drop_rate = rate
+        ctrl.set_rates(rates or [rate] * len(ctrl.branches))
+        fidelity = gradient_fidelity(ctrl, batch, samples=samples, patterns_per_step=patterns_per_step)
+        tried.append({"rate": rate, "fidelity": fidelity["mean_tensor_cosine"]})
+        if tried[-1]["fidelity"] >= threshold:
+            return {"rate": rate, "fidelity": tried[-1]["fidelity"], "threshold": threshold, "tried": tried}
+    ctrl.drop_rate = 0.0
+    ctrl.set_rates([0.0] * len(ctrl.branches))
+    return {"rate": 0.0, "fidelity": None, "threshold": threshold, "tried": tried}

@@ -1,0 +1,215 @@
+"""``leanft fidelity``: does DropBP suit this model and batch? ``gradient_fidelity`` over rates and patterns per step.
+
+On the first ``batch_size`` training examples of a ``leanft train`` job (same model, method, data and seed), it
+measures at each drop rate and number of patterns per step (micro-batches that each draw their own DropBP
+pattern, as under gradient accumulation) how close the sampled gradients are to the full one, and prints a
+markdown table; ``output=PATH.json`` also keeps the numbers, and ``plot_fidelity`` draws several such files
+against model size. Every option is checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from leanft.config import TrainConfig, load_config
+from leanft.dropbp import check_rate
+from leanft.errors import LeanftError
+from leanft.fileio import atomic_path, write_json
+from leanft.tables import fmt, markdown_table
+
+DEFAULT_PATTERNS = (1, 4, 8)
+STUDY_HELP = (
+    "  rates (default 0.25,0.5): comma-separated DropBP drop rates, each in [0, 1)",
+    f"  patterns (default {','.join(map(str, DEFAULT_PATTERNS))}, those <= batch_size): comma-separated patterns "
+    "per step; the batch is split into that many micro-batches, each with its own pattern",
+    "  samples (default 6): sampled steps per (rate, patterns) pair",
+    "  output (default none): also write the results as JSON to this path (never overwrites a file)",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyOptions:
+    """What ``leanft fidelity`` measures, besides the train keys."""
+
+    rates: tuple[float, ...] = (0.25, 0.5)
+    patterns: tuple[int, ...] = DEFAULT_PATTERNS
+    samples: int = 6
+    output: Path | None = None
+
+
+def _items(key: str, text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise LeanftError(f"{key} must be a comma-separated list, got {text!r}")
+    return parts
+
+
+def _whole(key: str, text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise LeanftError(f"{key} must be whole numbers {bound}, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise LeanftError(f"rates must be numbers in [0, 1), got {text!r}") from exc
+    return check_rate(value, "each of rates")
+
+
+def _refuse_existing(output: Path | None) -> None:
+    if output is not None and output.exists():
+        raise LeanftError(f"output {output} already exists: choose another path (leanft fidelity never overwrites)")
+
+
+def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, StudyOptions]:
+    """(train config, study options) from an optional YAML path and ``key=value`` items; raises on any bad value."""
+    study, train_items = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in ("rates", "patterns", "samples", "output"):
+            study[key.strip()] = value.strip()
+        else:
+            train_items.append(item)
+    config = load_config(path, train_items)
+    rows, defaults = config.batch_size, StudyOptions()
+    rates, patterns, samples = study.get("rates"), study.get("patterns"), study.get("samples")
+    options = StudyOptions(
+        rates=defaults.rates if rates is None else tuple(_rate(text) for text in _items("rates", rates)),
+        patterns=tuple(k for k in defaults.patterns if k <= rows)
+        if patterns is None
+        else tuple(_whole("patterns", text, 1, rows) for text in _items("patterns", patterns)),
+        samples=defaults.samples if samples is None else _whole("samples", samples, 1),
+        output=Path(study["output"]) if study.get("output") else None,
+    )
+    _refuse_existing(options.output)
+    return config, options
+
+
+def run_study(config: TrainConfig, options: StudyOptions) -> dict:
+    """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
+    from leanft.data import collate, tokenize_dataset
+    from leanft.dropbp import apply_dropbp
+    from leanft.fidelity import answer_tokens, gradient_fidelity
+    from leanft.methods import attach_method
+    from leanft.models import load_model_and_tokenizer
+    from leanft.train import load_records
+
+    model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    text_config = model.config.get_text_config()
+    size = {
+        "parameters": model.num_parameters(),
+        "layers": text_config.num_hidden_layers,
+        "width": text_config.hidden_size,
+    }
+    model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
+    ctrl = apply_dropbp(model, drop_rate=options.rates[0], seed=config.seed)
+    features = tokenize_dataset(load_records(config)[0][: config.batch_size], tokenizer, config.max_seq_len)
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in collate(features, tokenizer.pad_token_id).items()}
+    measurements = []
+    for rate in options.rates:
+        ctrl.set_rates([rate] * len(ctrl.branches))
+        for patterns in options.patterns:
+            scores = gradient_fidelity(ctrl, batch, samples=options.samples, patterns_per_step=patterns)
+            measurements.append({"rate": rate, "patterns_per_step": patterns, **scores})
+    result = {
+        "model": config.model,
+        **size,
+        "method": config.method,
+        "r": config.r,
+        "quantize": config.quantize,
+        "seed": config.seed,
+        "batch_rows": len(features),
+        "answer_tokens": answer_tokens(batch),
+        "max_seq_len": config.max_seq_len,
+        "samples": options.samples,
+        "measurements": measurements,
+    }
+    if options.output is not None:
+        _refuse_existing(options.output)
+        write_json(options.output, result)
+    return result
+
+
+def _count(parameters: int) -> str:
+    if parameters >= 1e9:
+        return f"{parameters / 1e9:.2f}B"
+    return f"{parameters / 1e6:.0f}M" if parameters >= 1e6 else f"{parameters:,}"
+
+
+LINESTYLES = ("-", "--", ":", "-.")
+COLUMNS = (
+    ("rate", lambda row: f"{row['rate']:g}"),
+    ("patterns per step", lambda row: str(row["patterns_per_step"])),
+    ("mean cosine", lambda row: fmt(row["mean_cosine"], ".3f")),
+    ("per-tensor cosine", lambda row: fmt(row["mean_tensor_cosine"], ".3f")),
+    ("cosine of mean", lambda row: fmt(row["cosine_of_mean"], ".3f")),
+    ("norm ratio", lambda row: fmt(row["norm_ratio_of_mean"], ".3f")),
+)
+
+
+def render(result: dict) -> str:
+    """The study as markdown: one line on the model and batch, then one table row per (rate, patterns)."""
+    head = (
+        f"DropBP gradient fidelity on {result['model']} ({_count(result['parameters'])} parameters, "
+        f"{result['layers']} layers x {result['width']}), method {result['method']} r={result['r']}, "
+        f"one batch of {result['batch_rows']} examples ({result['answer_tokens']} answer tokens), "
+        f"{result['samples']} sampled steps each. Cosines are with the full gradient (1 = the same direction)."
+    )
+    return head + "\n\n" + markdown_table(COLUMNS, result["measurements"])
+
+
+def plot_fidelity(results: Sequence[dict], path: str | Path) -> Path:
+    """One PNG: per-tensor cosine against parameter count (log x), one line per (rate, patterns per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise LeanftError("plot_fidelity needs at least one result")
+    series: dict[tuple[float, int], list[tuple[int, float]]] = {}
+    for result in results:
+        for row in result["measurements"]:
+            series.setdefault((row["rate"], row["patterns_per_step"]), []).append(
+                (result["parameters"], row["mean_tensor_cosine"])
+            )
+    rates = sorted({rate for rate, _ in series})
+    counts = sorted({patterns for _, patterns in series})
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for (rate, patterns), points in sorted(series.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        axis.plot(
+            xs,
+            ys,
+            marker="o",
+            color=f"C{rates.index(rate) % 10}",
+            linestyle=LINESTYLES[counts.index(patterns) % len(LINESTYLES)],
+            label=f"rate {rate:g}, {patterns} pattern{'s' * (patterns > 1)}/step",
+        )
+    axis.set_xscale("log")
+    axis.minorticks_off()
+    ticks = sorted({(result["parameters"], Path(str(result["model"])).stem) for result in results})
+    axis.set_xticks([size for size, _ in ticks], [f"{name}\n{_count(size)}" for size, name in ticks], fontsize=7)
+    axis.set_xlim(ticks[0][0] / 1.5, ticks[-1][0] * 1.5)
+    axis.set_ylim(top=1.02)
+    axis.set_xlabel("parameters")
+    axis.set_ylabel("per-tensor cosine with the full gradient")
+    axis.set_title("DropBP gradient fidelity against model size", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+    return target
