@@ -2,12 +2,15 @@
 
 The workers are this file run as a script under torchrun (``python -m torch.distributed.run``). One launch
 trains every equivalence scenario and leaves what rank 0 gathered in a folder; the tests compare it with
-the same training run in this process on the concatenated per-rank batches. Other launches check failure
-handling and ``torchrun -m leanft train`` end to end.
+the same training run in this process on the concatenated per-rank batches. ``ddp-paca-accum`` accumulates
+2 micro-batches per step under DDP's ``no_sync`` (a pattern each; some drop every branch). Other launches
+check failure handling and ``torchrun -m leanft train`` end to end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from conftest import save_tiny_llama, tiny_batch, tiny_model
 
 import leanft
 from leanft.distributed import (
+    anchor_graphless_forwards,
     broadcast_from_main,
     check_same_on_all_ranks,
     full_tensor,
@@ -38,7 +42,9 @@ WORLD = 2
 STEPS = 5
 ALLOCATE_BEFORE_STEP = 2
 LR = 0.5
-SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca")
+SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca", "ddp-paca-accum")
+MICRO_BATCHES = {"ddp-paca-accum": 2}  # per step, else 1
+DROP_EVERY_BRANCH = {(1, 1), (3, 0)}  # (step, micro-batch) with more than one micro-batch: a graph-less loss
 LAUNCH_TIMEOUT_S = 240
 FAILING_RANK = Path(__file__).with_name("failing_rank.py")
 
@@ -58,23 +64,32 @@ def build(method: str) -> tuple[torch.nn.Module, leanft.DropBP]:
     return model, leanft.apply_dropbp(model, drop_rate=0.5, seed=0)
 
 
-def rank_batch(step: int, index: int) -> dict[str, torch.Tensor]:
-    """Rank ``index``'s batch at ``step`` (equal label counts on every rank, so mean losses average exactly)."""
-    return tiny_batch(batch=2, length=12, seed=100 * step + index)
+def rank_batch(step: int, micro: int, index: int) -> dict[str, torch.Tensor]:
+    """Rank ``index``'s micro-batch ``micro`` at ``step`` (equal label counts: mean losses average exactly)."""
+    return tiny_batch(batch=2, length=12, seed=100 * step + 10 * micro + index)
 
 
-def run_steps(model, ctrl: leanft.DropBP, forward, batch_at) -> list[list[bool]]:
-    """SGD steps with allocation once on a shared batch; returns the pattern of every step."""
+def run_steps(model, ctrl, forward, batch_at, micro: int = 1, no_sync=contextlib.nullcontext) -> tuple[list, list]:
+    """SGD steps of ``micro`` micro-batches (``no_sync`` around all but the last), allocation once on a shared batch.
+
+    Returns the pattern of every micro-batch and, per step, the trainable parameters the optimizer saw without a
+    gradient.
+    """
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    patterns = []
+    patterns, gradless = [], []
     for step in range(STEPS):
         if step == ALLOCATE_BEFORE_STEP:
             ctrl.set_rates(broadcast_from_main(ctrl.allocate(tiny_batch(batch=2, length=12, seed=7))))
-        forward(**batch_at(step)).loss.backward()
+        for index in range(micro):
+            drop_all = micro > 1 and (step, index) in DROP_EVERY_BRANCH
+            forced = ctrl.forced([True] * len(ctrl.branches)) if drop_all else contextlib.nullcontext()
+            with no_sync() if index < micro - 1 else contextlib.nullcontext(), forced:
+                forward(**batch_at(step, index)).loss.backward()
+            patterns.append(list(ctrl.dropped))
         optimizer.step()
+        gradless.append(sorted(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None))
         optimizer.zero_grad()
-        patterns.append(list(ctrl.dropped))
-    return patterns
+    return patterns, gradless
 
 
 def trained(model) -> dict[str, torch.Tensor]:
@@ -89,14 +104,19 @@ def work_equivalence(out: Path) -> None:
     """Every scenario in one process group; rank 0 saves patterns, rates and parameters per scenario."""
     init_distributed(timeout_s=60)
     for scenario in SCENARIOS:
-        engine, method = scenario.split("-")
+        engine, method = scenario.split("-")[:2]
         model, ctrl = build(method)
         if engine == "fsdp2":
-            forward = shard_fsdp2(model)
+            forward, no_sync = shard_fsdp2(model), contextlib.nullcontext
         else:
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        patterns = run_steps(model, ctrl, forward, lambda step: rank_batch(step, rank()))
+            no_sync = forward.no_sync
+            anchor_graphless_forwards(model)  # as leanft's DropBP callback does under DDP
+        micro = MICRO_BATCHES.get(scenario, 1)
+        batch_at = functools.partial(rank_batch, index=rank())
+        patterns, gradless = run_steps(model, ctrl, forward, batch_at, micro, no_sync)
         result = {"patterns": gather_objects(patterns), "rates": gather_objects(ctrl.rates), "params": trained(model)}
+        result["gradless"] = gather_objects(gradless)
         result["frozen"] = {name: full_tensor(m.weight.detach()) for name, m in leanft.paca_modules(model).items()}
         if method == "paca":
             leanft.save_paca(model, out / scenario / "adapter")  # every rank; rank 0 writes
@@ -126,25 +146,26 @@ def launched(tmp_path_factory) -> Path:
     return out
 
 
-def reference(method: str, tmp_path: Path) -> tuple[dict, list[list[bool]], list[float], Path]:
-    """(parameters, patterns, rates, adapter folder) of one process on the concatenated per-rank batches."""
+def reference(method: str, tmp_path: Path, micro: int = 1) -> tuple[dict, list, list[float], list, Path]:
+    """(parameters, patterns, rates, gradless, adapter folder) of one process on the concatenated per-rank batches."""
     model, ctrl = build(method)
 
-    def concatenated(step: int) -> dict[str, torch.Tensor]:
-        batches = [rank_batch(step, index) for index in range(WORLD)]
+    def concatenated(step: int, micro: int) -> dict[str, torch.Tensor]:
+        batches = [rank_batch(step, micro, index) for index in range(WORLD)]
         return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
-    patterns = run_steps(model, ctrl, model, concatenated)
+    patterns, gradless = run_steps(model, ctrl, model, concatenated, micro)
     adapter = leanft.save_paca(model, tmp_path / "reference") if method == "paca" else tmp_path
-    return trained(model), patterns, ctrl.rates, adapter
+    return trained(model), patterns, ctrl.rates, gradless, adapter
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_matches_single_process_run_with_identical_patterns_on_every_rank(launched, scenario, tmp_path):
     got = torch.load(launched / f"{scenario}.pt")
-    params, patterns, rates, _ = reference(scenario.split("-")[1], tmp_path)
-    assert got["patterns"] == [patterns] * WORLD  # every rank, every step: the reference's pattern
+    params, patterns, rates, gradless, _ = reference(scenario.split("-")[1], tmp_path, MICRO_BATCHES.get(scenario, 1))
+    assert got["patterns"] == [patterns] * WORLD  # every rank, every micro-batch: the reference's pattern
     assert any(any(p) for p in patterns) and not all(all(p) for p in patterns)
+    assert got["gradless"] == [gradless] * WORLD and any(gradless)  # dropped all step long: no gradient, as here
     assert got["rates"] == [rates] * WORLD and rates != [0.5] * len(rates)  # allocated, the same everywhere
     assert got["params"].keys() == params.keys()
     for name, value in params.items():
@@ -234,6 +255,7 @@ def test_torchrun_leanft_train_writes_once_with_the_same_rates(engine, tmp_path)
         "-m", "leanft", "train", f"model={model}", f"data={data}", f"output_dir={run_dir}", f"fsdp={engine == 'fsdp'}",
         "max_steps=4", "batch_size=2", "save_steps=2", "logging_steps=1", "max_seq_len=64", "num_eval=2",
         "max_new_tokens=2", "dropbp.rate=0.5", "dropbp.allocate_at=0.25", "dropbp.allocation_samples=2",
+        "dropbp.patterns_per_step=2",  # every checkpoint checks that the ranks drew the same micro-batch patterns
     )  # fmt: skip
     assert_ok(result)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -244,7 +266,8 @@ def test_torchrun_leanft_train_writes_once_with_the_same_rates(engine, tmp_path)
         checkpoint = run_dir / f"checkpoint-{step}"
         assert {"paca_adapter.safetensors", "leanft_complete"} <= {p.name for p in checkpoint.iterdir()}
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        assert state["stateful_callbacks"]["DropBPCallback"]["attributes"]["dropbp"]["rates"] == summary["dropbp_rates"]
+        dropbp = state["stateful_callbacks"]["DropBPCallback"]["attributes"]["dropbp"]
+        assert dropbp["rates"] == summary["dropbp_rates"] and dropbp["step"] == 2 * step  # a pattern per micro-batch
         assert state["epoch"] == pytest.approx(step / math.ceil(23 / WORLD / 2))  # each rank: its shard of the data
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".")]  # no temporary leftovers
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from leanft.errors import LeanftError
 from leanft.fileio import atomic_dir
@@ -208,12 +210,74 @@ def is_fsdp2(model: nn.Module) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
+class _GraphlessAnchor:
+    """The hooks of ``anchor_graphless_forwards`` on one model and the state they share."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.param = next(p for p in model.parameters() if p.requires_grad)
+        self.anchoring = False  # the current training forward reaches no trainable parameter
+        self.zeros_only = False  # this step, ``param`` has a gradient only from anchors (zeros)
+        model.register_forward_hook(self._after_forward, prepend=True)  # before DropBP's own anchor
+        self.param.register_post_accumulate_grad_hook(self._accumulated)
+        alive = weakref.ref(self)
+
+        def before_step(optimizer, args, kwargs) -> None:
+            anchor = alive()
+            if anchor is None:
+                handle.remove()
+            elif anchor.zeros_only:  # as in one process: no gradient at all, so the optimizer skips it
+                anchor.param.grad, anchor.zeros_only = None, False
+
+        handle = register_optimizer_step_pre_hook(before_step)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        found = {key: _output_field(output, key) for key in ("loss", "logits")}
+        found = {key: value for key, value in found.items() if isinstance(value, torch.Tensor)}
+        self.anchoring = bool(found) and not any(value.requires_grad for value in found.values())
+        if self.anchoring:
+            self.zeros_only = self.zeros_only or self.param.grad is None
+            zero = self.param.flatten()[0] * 0  # its backward gives ``param`` an all-zero gradient
+            for key, value in found.items():
+                if isinstance(output, dict):
+                    output[key] = value + zero.to(value.dtype)
+                else:
+                    setattr(output, key, value + zero.to(value.dtype))
+        return output
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        if not self.anchoring:  # a real gradient
+            self.zeros_only = False
+
+
+def _output_field(output: object, key: str) -> object:
+    """``output[key]`` of a dict (or ``ModelOutput``), else the attribute, else None."""
+    return output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+
+
+def anchor_graphless_forwards(model: nn.Module) -> None:
+    """Make every training forward of a DDP-wrapped ``model`` with DropBP reach DDP's reducer.
+
+    Cause (measured with torch 2.13, ``find_unused_parameters=True``): when DropBP drops every branch, the loss
+    has no graph (DropBP adds a fresh zero leaf), so its backward fires none of DDP's autograd hooks. In a
+    micro-batch that synchronises, the reducer then neither all-reduces nor finishes: the gradients of the
+    earlier ``no_sync`` micro-batches stay local to each rank, and the half-prepared reducer fails the next
+    ``no_sync`` backward ("Encountered gradient which is undefined, but still allreduced by DDP reducer").
+    Here such a forward's loss and logits get ``0 *`` one entry of the first trainable parameter, so DDP's hooks
+    fire and it reduces as usual; where that parameter gets no real gradient in the step, its (zero) gradient is
+    set back to None before the optimizer step, so the gradients are exactly those of one process.
+    """
+    _GraphlessAnchor(model)
+
+
 def prepare_distributed_dropbp(controller: DropBP, args: TrainingArguments, model: nn.Module) -> None:
     """Check (and where possible fix) a distributed ``Trainer`` run with DropBP, before its first step.
 
-    Under DDP: ``find_unused_parameters`` must be on and ``static_graph`` off (a LeanftError says so), and
-    reentrant gradient checkpointing is switched to non-reentrant. On every engine the DropBP state (seed,
-    step, rates), and so every future drop pattern, must agree on all ranks. No-op in a single process.
+    Under DDP: ``find_unused_parameters`` must be on and ``static_graph`` off (a LeanftError says so),
+    reentrant gradient checkpointing is switched to non-reentrant, and ``anchor_graphless_forwards`` keeps DDP
+    reducing when a micro-batch drops every branch. On every engine the DropBP state (seed, step, rates), and so
+    every future drop pattern, must agree on all ranks. No-op in a single process.
     """
     if not is_distributed():
         return
@@ -229,7 +293,8 @@ def prepare_distributed_dropbp(controller: DropBP, args: TrainingArguments, mode
             )
         if use_non_reentrant_checkpointing(model):
             logger.info("DropBP under DDP: gradient checkpointing switched to non-reentrant (reentrant breaks DDP)")
-    check_same_on_all_ranks(controller.state_dict(), "DropBP state (seed, step, rates)")
+        anchor_graphless_forwards(controller.model)
+    check_same_on_all_ranks(controller.pattern_state(), "DropBP state (seed, step, rates)")
 
 
 def shard_fsdp2(model: nn.Module, blocks: str | None = None, reshard_after_forward: bool = True) -> nn.Module:
@@ -258,12 +323,17 @@ def shard_for_trainer(model: nn.Module, blocks: str | None = None) -> nn.Module:
 
     Shards with ``shard_fsdp2``, then sets the flag with which ``transformers`` marks a model that owns its
     placement and gradient reduction (``from_pretrained(distributed_config=...)``), so that the Trainer
-    neither wraps it in DDP nor shards it again. The Trainer then needs ``save_only_model=True`` (checkpoints
-    hold no optimizer state). Works on CPU / gloo too, where ``accelerate``'s FSDP plugin does not run.
+    neither wraps it in DDP nor shards it again, and gives its config the ``DistributedConfig`` that such a load
+    leaves there (the Trainer reads it to defer the reduce-scatter of gradient accumulation's micro-batches).
+    The Trainer then needs ``save_only_model=True`` (checkpoints hold no optimizer state). Works on CPU / gloo
+    too, where ``accelerate``'s FSDP plugin does not run.
     """
+    from transformers import DistributedConfig
+
     shard_fsdp2(model, blocks)
     pretrained = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model
     pretrained._is_distributed_loading_by_transformers = True  # what the Trainer reads through the property
+    pretrained.config.distributed_config = DistributedConfig(fsdp_size=dist.get_world_size())  # one FSDP mesh
     return model
 
 
