@@ -52,7 +52,7 @@ class CompareOptions:
 COMPARE_HELP = (
     f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
     f"choose from {', '.join(VARIANTS)}; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). "
-    "A variant may set its own DropBP keys after colons: paca+dropbp:warmup=0.2:patterns_per_step=4",
+    "A variant may set its own lr and DropBP keys after colons: paca:lr=0.01, paca+dropbp:warmup=0.2:rate=0.3",
     "  eval_every (default 10): held-out loss every N optimizer steps (not counted as training time)",
     "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
 )
@@ -88,15 +88,15 @@ def variant_base(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-def variant_dropbp_overrides(name: str) -> list[str]:
-    """The variant's own DropBP keys as ``dropbp.KEY=VALUE`` items (from ``:KEY=VALUE`` after its method)."""
-    return [f"dropbp.{item}" for item in name.split(":")[1:]]
+def variant_overrides(name: str) -> list[str]:
+    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: ``lr``, or a DropBP key."""
+    return [item if item.startswith("lr=") else f"dropbp.{item}" for item in name.split(":")[1:]]
 
 
 def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
     """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings."""
     spec = VARIANTS[variant_base(name)]
-    if variant_dropbp_overrides(name) and not spec["dropbp_on"]:
+    if any(item.startswith("dropbp.") for item in variant_overrides(name)) and not spec["dropbp_on"]:
         raise LeanftError(f"variant {name!r} sets DropBP keys on a method without DropBP")
     dropbp = dataclasses.replace(
         base.dropbp,
@@ -113,7 +113,7 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
         overwrite=False,
     )
     try:
-        return apply_overrides(config, variant_dropbp_overrides(name)).validate()
+        return apply_overrides(config, variant_overrides(name)).validate()
     except LeanftError as error:
         raise LeanftError(f"variant {name!r}: {error}") from None
 
