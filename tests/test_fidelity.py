@@ -242,3 +242,17 @@ def test_plot_fidelity_writes_a_png(tmp_path):
     results = [result("small.gguf", 135_000_000, 0.5), result("large.gguf", 1_500_000_000, 0.7)]
     path = plot_fidelity(results, tmp_path / "fidelity.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_plot_command_draws_saved_results_and_names_bad_input(tmp_path, capsys):
+    rows = [{"rate": 0.5, "patterns_per_step": 1, "mean_tensor_cosine": 0.3}]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"model": "a.gguf", "parameters": 10**8, "measurements": rows}))
+    second.write_text(json.dumps({"model": "b.gguf", "parameters": 10**9, "measurements": rows}))
+    out = tmp_path / "fidelity.png"
+    assert main(["fidelity", f"plot={out}", f"results={first},{second}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for items in ([f"plot={out}", f"results={tmp_path / 'none.json'}"], [f"plot={out}", "rates=0.5"]):
+        capsys.readouterr()
+        assert main(["fidelity", *items]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -101,8 +101,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run ``leanft fidelity``: how close DropBP's gradients come to the full one on a training batch."""
-    from leanft.fidelity_study import parse_options, render, run_study
+    from leanft.fidelity_study import parse_options, plot_command, render, run_study
 
+    drawn = plot_command(args.items)
+    if drawn is not None:
+        print(f"plot written to {drawn}")
+        return 0
     path, items = _split_config_args(args.items)
     config, options = parse_options(path, items)
     print(render(run_study(config, options)))

@@ -10,6 +10,7 @@ against model size. Every option is checked before the model loads.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ STUDY_HELP = (
     "per step; the batch is split into that many micro-batches, each with its own pattern",
     "  samples (default 6): sampled steps per (rate, patterns) pair",
     "  output (default none): also write the results as JSON to this path (never overwrites a file)",
+    "  plot=OUT.png results=A.json,B.json: instead of measuring, draw saved results against model size",
 )
 
 
@@ -213,3 +215,21 @@ def plot_fidelity(results: Sequence[dict], path: str | Path) -> Path:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
     return target
+
+
+def plot_command(items: Sequence[str]) -> Path | None:
+    """``plot=OUT.png results=A.json,B.json``: draw saved results without loading a model; None without ``plot=``."""
+    options = dict(item.partition("=")[::2] for item in items)
+    if "plot" not in options:
+        return None
+    if set(options) != {"plot", "results"} or not options["plot"]:
+        raise LeanftError("to draw saved results pass exactly plot=OUT.png results=A.json,B.json")
+    paths = [Path(text) for text in _items("results", options["results"])]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise LeanftError(f"results file(s) not found: {', '.join(missing)}")
+    try:
+        results = [json.loads(path.read_text()) for path in paths]
+    except json.JSONDecodeError as exc:
+        raise LeanftError(f"a results file is not JSON written by leanft fidelity ({exc.msg})") from None
+    return plot_fidelity(results, options["plot"])
