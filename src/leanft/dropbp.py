@@ -256,19 +256,11 @@ def _sequence_length(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def apply_dropbp(
-    model: nn.Module,
-    drop_rate: float = 0.5,
-    seed: int = 0,
-    blocks: str | None = None,
-    attn: str | None = None,
-    mlp: str | None = None,
-    sampler: str = "bernoulli",
-) -> DropBP:
-    """Attach DropBP to ``model`` in place and return its controller.
+def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, **options: str | None) -> DropBP:
+    """Attach DropBP to ``model`` in place and return its controller (options: blocks, attn, mlp, sampler).
 
     ``blocks`` (dotted path of the decoder-block ModuleList), ``attn`` and ``mlp`` (sub-module names
     in a block; join several with ``+``) point leanft at the branches of architectures it cannot map.
     ``sampler``: ``"bernoulli"`` (independent draws) or ``"topup"`` (see the module docstring).
     """
-    return DropBP(model, drop_rate=drop_rate, seed=seed, blocks=blocks, attn=attn, mlp=mlp, sampler=sampler)
+    return DropBP(model, drop_rate=drop_rate, seed=seed, **options)
