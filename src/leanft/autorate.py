@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from leanft.allocate import greedy_rates
 from leanft.dropbp import DropBP
 from leanft.errors import LeanftError
-from leanft.fidelity import gradient_fidelity
+from leanft.fidelity import full_gradient, gradient_fidelity
 
 CANDIDATE_RATES = (0.5, 0.4, 0.3, 0.2, 0.1)
 DEFAULT_THRESHOLD = 0.8
@@ -41,12 +41,13 @@ def choose_rate(
     if not 0.0 < threshold <= 1.0:
         raise LeanftError(f"the fidelity threshold must be in (0, 1], got {threshold}")
     flops = [branch.flops for branch in ctrl.branches]
+    full = full_gradient(ctrl, batch)  # the same reference for every candidate
     tried = []
     for rate in sorted(candidates, reverse=True):
         rates = greedy_rates(sensitivities, flops, rate, allocation=allocation) if sensitivities else None
         ctrl.drop_rate = rate
         ctrl.set_rates(rates or [rate] * len(ctrl.branches))
-        fidelity = gradient_fidelity(ctrl, batch, samples=samples, patterns_per_step=patterns_per_step)
+        fidelity = gradient_fidelity(ctrl, batch, samples, patterns_per_step, full)
         tried.append({"rate": rate, "fidelity": fidelity["mean_tensor_cosine"]})
         if tried[-1]["fidelity"] >= threshold:
             return {"rate": rate, "fidelity": tried[-1]["fidelity"], "threshold": threshold, "tried": tried}

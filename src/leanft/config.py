@@ -62,12 +62,6 @@ class DropBPConfig:
     warmup: float = doc("share of the steps at the start that drop nothing (a rate schedule's warm-up)", 0.0)
     cooldown: float = doc("share of the steps at the end that drop nothing (a rate schedule's cool-down)", 0.0)
 
-
-    @property
-    def enabled(self) -> bool:
-        """Whether DropBP is attached at all (a rate above 0, or auto)."""
-        return self.rate == "auto" or self.rate > 0
-
     def initial_rate(self) -> float:
         """The rate the controller starts with (auto: the largest candidate, paused until the choice)."""
         return max(CANDIDATE_RATES) if self.rate == "auto" else float(self.rate)

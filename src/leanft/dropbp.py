@@ -130,9 +130,9 @@ class DropBP:
             return
         self.dropped = [False] * len(self.branches) if self.paused else self.sample(self.step)
         self.step += 1
-        total = sum(branch.flops for branch in self.branches)
-        self.total_flops += total
-        self.skipped_flops += self.dropped_fraction() * total
+        self.total_flops += sum(branch.flops for branch in self.branches)
+        pairs = zip(self.branches, self.dropped, strict=True)
+        self.skipped_flops += sum(branch.flops for branch, dropped in pairs if dropped)
         bits = sum(1 << i for i, dropped in enumerate(self.dropped) if dropped)
         self.pattern_checksum = (self.pattern_checksum * 1_000_003 + bits + 1) % CHECKSUM_MODULUS
 

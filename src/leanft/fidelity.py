@@ -92,7 +92,19 @@ def _mean_tensor_cosine(sampled: list[torch.Tensor], full: list[torch.Tensor]) -
     return sum(cosines) / len(cosines) if cosines else 0.0
 
 
-def gradient_fidelity(ctrl: DropBP, batch: dict, samples: int = 10, patterns_per_step: int = 1) -> dict[str, float]:
+def full_gradient(ctrl: DropBP, batch: dict) -> list[torch.Tensor]:
+    """The float32 gradients of the trainable parameters on ``batch`` with nothing dropped (state left as it was)."""
+    with measuring(ctrl) as params:
+        return accumulated_gradients(ctrl, batch, params, [[False] * len(ctrl.branches)])
+
+
+def gradient_fidelity(
+    ctrl: DropBP,
+    batch: dict,
+    samples: int = 10,
+    patterns_per_step: int = 1,
+    full: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Compare the DropBP gradients of the next ``samples`` training steps' patterns on ``batch`` with the full one.
 
     Each sampled step splits ``batch`` into ``patterns_per_step`` micro-batches with the controller's next
@@ -102,13 +114,14 @@ def gradient_fidelity(ctrl: DropBP, batch: dict, samples: int = 10, patterns_per
     ``mean_tensor_cosine`` (the same per parameter tensor, tensors weighted equally: closer to what Adam sees),
     ``cosine_of_mean`` and ``norm_ratio_of_mean`` (the mean of the sampled gradients against the full one).
     RNG state, train/eval flags and existing ``.grad`` are left as they were; the step counter does not move.
+    ``full``: ``full_gradient(ctrl, batch)`` where already computed (several rates measured on one batch).
     """
     if samples < 1:
         raise LeanftError(f"samples must be at least 1, got {samples}")
     split_batch(batch, patterns_per_step)  # a bad patterns_per_step fails before any gradient
-    none = [False] * len(ctrl.branches)
+    if full is None:
+        full = full_gradient(ctrl, batch)
     with measuring(ctrl) as params:
-        full = accumulated_gradients(ctrl, batch, params, [none])
         cosines, tensor_cosines, total = [], [], [torch.zeros_like(grad) for grad in full]
         for sample in range(samples):
             first = ctrl.step + sample * patterns_per_step

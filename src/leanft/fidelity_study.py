@@ -100,7 +100,7 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
     from leanft.data import collate, tokenize_dataset
     from leanft.dropbp import apply_dropbp
-    from leanft.fidelity import answer_tokens, gradient_fidelity
+    from leanft.fidelity import answer_tokens, full_gradient, gradient_fidelity
     from leanft.methods import attach_method
     from leanft.models import load_model_and_tokenizer
     from leanft.train import load_records
@@ -117,11 +117,11 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     features = tokenize_dataset(load_records(config)[0][: config.batch_size], tokenizer, config.max_seq_len)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in collate(features, tokenizer.pad_token_id).items()}
-    measurements = []
+    measurements, full = [], full_gradient(ctrl, batch)
     for rate in options.rates:
         ctrl.set_rates([rate] * len(ctrl.branches))
         for patterns in options.patterns:
-            scores = gradient_fidelity(ctrl, batch, samples=options.samples, patterns_per_step=patterns)
+            scores = gradient_fidelity(ctrl, batch, options.samples, patterns, full)
             measurements.append({"rate": rate, "patterns_per_step": patterns, **scores})
     result = {
         "model": config.model,
