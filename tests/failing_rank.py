@@ -1,6 +1,6 @@
 """Worker of tests/test_distributed.py: rank 1 dies (``kill``) or stalls (``hang``) while rank 0 waits in a collective.
 
-Imports torch only, to start fast; the process group gets a timeout the way ``leanft.distributed.init_distributed``
+Imports torch only, to start fast; the process group gets a timeout the way ``leanft.core.distributed.init_distributed``
 sets it up (``python failing_rank.py KIND TIMEOUT_S`` under torchrun, or with RANK / WORLD_SIZE / MASTER_* set).
 """
 

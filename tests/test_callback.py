@@ -11,7 +11,7 @@ from conftest import tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import leanft
-from leanft.data import collate
+from leanft.run.data import collate
 
 
 def features(count: int = 32, length: int = 10) -> list[dict]:

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import leanft
-from leanft.chunked_loss import chunked_causal_lm_loss, chunked_loss_problem, linear_cross_entropy
-from leanft.train import LeanftTrainer
+from leanft.core.chunked_loss import chunked_causal_lm_loss, chunked_loss_problem, linear_cross_entropy
+from leanft.run.trainer import LeanftTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from leanft.cli import main
-from leanft.config import load_config
-from leanft.train import load_run, train
+from leanft.run.config import load_config
+from leanft.run.rundir import load_run
+from leanft.run.train import train
 
 TINY_ARGS = ["max_steps=6", "batch_size=4", "save_steps=3", "num_eval=4", "max_new_tokens=6", "logging_steps=1"]
 
@@ -121,7 +122,7 @@ def test_bad_inputs_exit_2_with_one_line(model_dir, data_file, tmp_path, capsys)
         ([f"model={model_dir}", f"data={tmp_path / 'missing.jsonl'}"], "does not exist"),
         ([f"model={model_dir}", f"data={bad}"], "bad.jsonl:2"),
         ([f"model={model_dir}", f"data={empty}"], "no examples"),
-        ([f"model={model_dir}", "colour=blue"], "unknown config key 'colour'"),
+        ([f"model={model_dir}", "colour=blue"], "unknown key 'colour'"),
         ([f"model={model_dir}", "dropbp.rate=1.5"], "dropbp.rate"),
     ]
     for args, message in cases:

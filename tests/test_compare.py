@@ -7,10 +7,10 @@ import json
 import pytest
 
 from leanft.cli import main
-from leanft.compare import parse_compare_args, run_compare, variant_config
-from leanft.compare_report import render_table, time_to_quality
-from leanft.config import load_config
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
+from leanft.run.config import load_config
+from leanft.studies.compare import parse_compare_args, run_compare, variant_config
+from leanft.studies.compare_report import render_table, time_to_quality
 
 TINY = ["max_steps=4", "batch_size=4", "num_eval=4", "max_new_tokens=4", "save_steps=50", "dropbp.allocate_at=0.5"]
 

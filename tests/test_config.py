@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from leanft import LeanftError
-from leanft.config import TrainConfig, config_help, load_config
-from leanft.methods import parse_target_modules
+from leanft.run.config import TrainConfig, config_help, load_config
+from leanft.run.methods import parse_target_modules
 
 
 def test_defaults_are_valid_and_lr_follows_method():
@@ -28,8 +28,8 @@ def test_yaml_then_overrides_with_nested_keys_and_types(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["nonsense=1"], "unknown config key 'nonsense'"),
-        (["dropbp.nonsense=1"], "unknown config key 'dropbp.nonsense'"),
+        (["nonsense=1"], "unknown key 'nonsense'"),
+        (["dropbp.nonsense=1"], "unknown key 'dropbp.nonsense'"),
         (["dropbp.rate=1.5"], r"dropbp.rate must be in \[0, 1\)"),
         (["r=abc"], "r='abc' is not a valid int"),
         (["method=qlora"], "method must be one of"),

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import tiny_llama_for
 
-from leanft.data import (
+from leanft.core.errors import LeanftError
+from leanft.run.data import (
     IGNORE_INDEX,
     collate,
     generate_answers,
@@ -18,8 +19,7 @@ from leanft.data import (
     tokenize_dataset,
     tokenize_example,
 )
-from leanft.errors import LeanftError
-from leanft.tasks import final_answer_match
+from leanft.run.tasks import final_answer_match
 
 RECORD = {"instruction": "What is the capital of France?", "output": "Paris."}
 

@@ -25,7 +25,8 @@ import torch
 from conftest import save_tiny_llama, tiny_batch, tiny_model
 
 import leanft
-from leanft.distributed import (
+from leanft.core.allocate import allocate_rates
+from leanft.core.distributed import (
     anchor_graphless_forwards,
     broadcast_from_main,
     check_same_on_all_ranks,
@@ -36,7 +37,7 @@ from leanft.distributed import (
     shard_fsdp2,
     use_non_reentrant_checkpointing,
 )
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
 
 WORLD = 2
 STEPS = 5
@@ -79,7 +80,7 @@ def run_steps(model, ctrl, forward, batch_at, micro: int = 1, no_sync=contextlib
     patterns, gradless = [], []
     for step in range(STEPS):
         if step == ALLOCATE_BEFORE_STEP:
-            ctrl.set_rates(broadcast_from_main(ctrl.allocate(tiny_batch(batch=2, length=12, seed=7))))
+            ctrl.set_rates(broadcast_from_main(allocate_rates(ctrl, tiny_batch(batch=2, length=12, seed=7))))
         for index in range(micro):
             drop_all = micro > 1 and (step, index) in DROP_EVERY_BRANCH
             forced = ctrl.forced([True] * len(ctrl.branches)) if drop_all else contextlib.nullcontext()

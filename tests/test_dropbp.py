@@ -13,8 +13,8 @@ from conftest import ARCHITECTURES, tiny_batch, tiny_model
 from torch import nn
 
 import leanft
-from leanft.allocate import greedy_rates, measure_sensitivities
-from leanft.memory import SavedTensorMeter
+from leanft.core.allocate import allocate_rates, greedy_rates, measure_sensitivities
+from leanft.studies.memory import SavedTensorMeter
 
 
 def detach_output(module, args, output):
@@ -139,7 +139,7 @@ def test_realised_average_drop_rate_matches_target():
         ctrl.set_rates([rate] * len(ctrl.branches))
         realised = np.mean([ctrl.dropped_fraction(ctrl.sample(step)) for step in range(2000)])
         assert abs(realised - rate) < 0.02, (rate, realised)
-    ctrl.allocate(tiny_batch(), target=0.5)
+    allocate_rates(ctrl, tiny_batch(), target=0.5)
     expected = ctrl.expected_drop_fraction()  # the budget in 0.1 steps: at or just above the target
     assert 0.5 <= expected <= 0.5 + 0.1 * max(b.flops for b in ctrl.branches) / sum(b.flops for b in ctrl.branches)
     realised = np.mean([ctrl.dropped_fraction(ctrl.sample(step)) for step in range(2000)])
@@ -228,7 +228,7 @@ def test_allocation_respects_budget_and_favours_insensitive_branches(batch):
     random.seed(1)
     np.random.seed(1)
     torch.manual_seed(1)
-    rates = ctrl.allocate(batch)
+    rates = allocate_rates(ctrl, batch)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
     assert torch.equal(model.lm_head.weight.grad, torch.ones_like(model.lm_head.weight))
     assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")

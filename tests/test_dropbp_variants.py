@@ -9,11 +9,12 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import leanft
-from leanft.allocate import greedy_rates, measure_sensitivities, tensor_norm_change
-from leanft.autorate import CANDIDATE_RATES, choose_rate
-from leanft.callback import drops_at
-from leanft.config import load_config
-from leanft.train import train, training_arguments
+from leanft.core.allocate import greedy_rates, measure_sensitivities, tensor_norm_change
+from leanft.core.autorate import CANDIDATE_RATES, choose_rate
+from leanft.core.callback import drops_at
+from leanft.run.config import load_config
+from leanft.run.train import train
+from leanft.run.trainer import training_arguments
 
 
 def test_schedule_pauses_dropping_in_the_warmup_and_cooldown_steps():

@@ -12,11 +12,11 @@ from test_cli import one_line_error
 from test_dropbp import reference_with_detached
 
 import leanft
-import leanft.models
-from leanft.allocate import measuring
+import leanft.run.models
 from leanft.cli import main
-from leanft.fidelity import accumulated_gradients, gradient_fidelity, split_batch
-from leanft.fidelity_study import plot_fidelity
+from leanft.core.allocate import measuring
+from leanft.core.fidelity import accumulated_gradients, gradient_fidelity, split_batch
+from leanft.studies.fidelity_study import plot_fidelity
 
 ALMOST_ALWAYS = 1.0 - 1e-7
 
@@ -183,7 +183,7 @@ def test_bad_fidelity_options_exit_2_with_one_line_before_the_model_loads(monkey
     def never(*args, **kwargs):
         raise AssertionError("the model loaded before the options were checked")
 
-    monkeypatch.setattr(leanft.models, "load_model_and_tokenizer", never)
+    monkeypatch.setattr(leanft.run.models, "load_model_and_tokenizer", never)
     existing = tmp_path / "old.json"
     existing.write_text("{}")
     cases = [
@@ -195,7 +195,7 @@ def test_bad_fidelity_options_exit_2_with_one_line_before_the_model_loads(monkey
         (["samples=0"], "samples"),
         (["samples=two"], "samples"),
         ([f"output={existing}"], "already exists"),
-        (["colour=blue"], "unknown config key 'colour'"),
+        (["colour=blue"], "unknown key 'colour'"),
     ]
     for args, message in cases:
         assert main(["fidelity", *args]) == 2, args

@@ -10,8 +10,8 @@ import torch
 import transformers
 from conftest import make_tiny_tokenizer, tiny_model
 
-from leanft import models
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
+from leanft.run import models
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_missing_embedded_package(monkeypatch):
 
 @pytest.mark.slow
 def test_convert_embedded_gguf_and_answer(monkeypatch, tmp_path):
-    from leanft.data import generate_answers
+    from leanft.run.data import generate_answers
 
     monkeypatch.setenv("LEANFT_CACHE", str(tmp_path))
     model, tokenizer = models.load_model_and_tokenizer(None, device="cpu")

@@ -11,8 +11,8 @@ from conftest import ARCHITECTURES, assert_paca_matches_reference, tiny_batch, t
 from torch import nn
 
 import leanft
-from leanft.memory import SavedTensorMeter
-from leanft.paca import PacaLinear, PacaMatmul
+from leanft.core.paca_layer import PacaLinear, PacaMatmul
+from leanft.studies.memory import SavedTensorMeter
 
 PACA_ARCHS = ["llama", "gpt2", "opt", "gpt_neox", "qwen3"]
 

@@ -9,7 +9,7 @@ import transformers
 from conftest import DECODER, tiny_batch, tiny_model
 
 import leanft
-from leanft.paca import PacaMatmul
+from leanft.core.paca_layer import PacaMatmul
 
 
 def sgd_steps(model: torch.nn.Module, steps: int = 3) -> None:

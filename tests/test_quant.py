@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import leanft
 from leanft.cli import main
-from leanft.config import load_config
-from leanft.errors import LeanftError
-from leanft.memory import SavedTensorMeter
-from leanft.methods import attach_method, merged
-from leanft.models import load_model_and_tokenizer
-from leanft.quant import QPacaLinear, dequantize_module, is_linear4bit, is_quantized, quantization_config
+from leanft.core.errors import LeanftError
+from leanft.core.quant import QPacaLinear, dequantize_module, is_linear4bit, is_quantized, quantization_config
+from leanft.run.config import load_config
+from leanft.run.methods import METHODS, MethodSettings, attach_method
+from leanft.run.models import load_model_and_tokenizer
+from leanft.studies.memory import SavedTensorMeter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +63,7 @@ def test_qpaca_saves_what_paca_saves_and_no_dequantized_weight(tmp_path):
 
 def test_qpaca_trains_then_merges_into_the_same_full_precision_model(tmp_path):
     quantized, _ = quantized_pair("llama", tmp_path)
-    model = attach_method(quantized, "paca", r=4, target_modules="all-linear", seed=0)
+    model = attach_method(quantized, "paca", MethodSettings(r=4))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(2):
         model(**tiny_batch(seed=step)).loss.backward()
@@ -73,7 +73,7 @@ def test_qpaca_trains_then_merges_into_the_same_full_precision_model(tmp_path):
     with torch.no_grad():
         trained = model(**batch).logits
         leanft.save_paca(model, tmp_path / "adapter")
-        plain = merged(model)
+        plain = METHODS["paca"].merge(model)
         torch.testing.assert_close(plain(**batch).logits, trained, rtol=1e-5, atol=1e-6)
     assert not is_quantized(plain) and getattr(plain, "hf_quantizer", None) is None
     assert all(p.dtype == torch.float32 for p in plain.parameters())
@@ -112,7 +112,7 @@ def test_qpaca_with_dropbp_drops_branches(tmp_path):
 
 def test_qlora_merge_is_full_precision_and_exact(tmp_path):
     quantized, _ = quantized_pair("llama", tmp_path)
-    model = attach_method(quantized, "lora", r=4, target_modules="all-linear", seed=0)
+    model = attach_method(quantized, "lora", MethodSettings(r=4))
     assert isinstance(model, peft.PeftModel)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -120,7 +120,7 @@ def test_qlora_merge_is_full_precision_and_exact(tmp_path):
     batch = tiny_batch()
     with torch.no_grad():
         trained = model(**batch).logits
-        plain = merged(model)
+        plain = METHODS["lora"].merge(model)
         torch.testing.assert_close(plain(**batch).logits, trained, rtol=1e-4, atol=1e-5)
     assert not is_quantized(plain) and getattr(plain, "hf_quantizer", None) is None
 
@@ -128,7 +128,7 @@ def test_qlora_merge_is_full_precision_and_exact(tmp_path):
 def test_full_fine_tuning_of_a_4bit_base_is_refused(tmp_path):
     quantized, _ = quantized_pair("llama", tmp_path)
     with pytest.raises(LeanftError, match="method=paca"):
-        attach_method(quantized, "full", r=4, target_modules="all-linear", seed=0)
+        attach_method(quantized, "full", MethodSettings(r=4))
     with pytest.raises(LeanftError, match="method=paca"):
         load_config(None, ["quantize=4bit", "method=full"])
     with pytest.raises(LeanftError, match="quantize must be"):

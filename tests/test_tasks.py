@@ -7,11 +7,12 @@ import re
 
 import pytest
 
-import leanft.evaluate
+import leanft.run.evaluate
 from leanft import LeanftError
 from leanft.cli import main
-from leanft.config import load_config
-from leanft.tasks import TASKS, arith_task, dates_task, eval_options, final_answer_match, verify_arith
+from leanft.run.config import load_config
+from leanft.run.evaluate import eval_options
+from leanft.run.tasks import TASKS, arith_task, dates_task, final_answer_match, verify_arith
 
 
 def test_dates_task_is_deterministic_and_held_out():
@@ -93,7 +94,7 @@ def test_builtin_arith_trains_and_evaluates_end_to_end(model_dir, tmp_path, monk
         asked.append(max_new_tokens)
         return [f"Let me see.\n{answers[p]}  \n" for p in prompts]
 
-    monkeypatch.setattr(leanft.evaluate, "generate_answers", worked_with_extra_text)
+    monkeypatch.setattr(leanft.run.evaluate, "generate_answers", worked_with_extra_text)
     capsys.readouterr()
     assert main(["eval", str(run_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0  # exact match would give 0

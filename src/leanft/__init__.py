@@ -5,11 +5,12 @@ import logging
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback works.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from leanft.callback import DropBPCallback
-from leanft.chunked_loss import chunked_causal_lm_loss, linear_cross_entropy
-from leanft.dropbp import DropBP, apply_dropbp
-from leanft.errors import LeanftError
-from leanft.paca import (
+from leanft.core.allocate import allocate_rates
+from leanft.core.callback import DropBPCallback
+from leanft.core.chunked_loss import chunked_causal_lm_loss, linear_cross_entropy
+from leanft.core.dropbp import DropBP, apply_dropbp
+from leanft.core.errors import LeanftError
+from leanft.core.paca import (
     PacaLinear,
     apply_paca,
     load_paca,
@@ -19,7 +20,7 @@ from leanft.paca import (
     remove_paca,
     save_paca,
 )
-from leanft.quant import QPacaLinear
+from leanft.core.quant import QPacaLinear
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "LeanftError",
     "PacaLinear",
     "QPacaLinear",
+    "allocate_rates",
     "apply_dropbp",
     "apply_paca",
     "chunked_causal_lm_loss",

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -27,8 +27,8 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``leanft train``."""
-    from leanft.config import load_config
-    from leanft.train import train
+    from leanft.run.config import load_config
+    from leanft.run.train import train
 
     path, overrides = _split_config_args(args.items)
     summary = train(load_config(path, overrides))
@@ -39,17 +39,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``leanft eval``: held-out loss, perplexity and accuracy (a built-in task's scorer, else exact match)."""
-    from leanft.config import load_config
-    from leanft.data import tokenize_dataset
-    from leanft.evaluate import evaluate
-    from leanft.models import load_model_and_tokenizer
-    from leanft.tasks import eval_options
-    from leanft.train import RUN_CONFIG_FILE, load_records, load_run
+    from leanft.run.config import load_config
+    from leanft.run.data import load_records, tokenize_dataset
+    from leanft.run.evaluate import eval_options, evaluate
+    from leanft.run.models import load_model_and_tokenizer
+    from leanft.run.rundir import RUN_CONFIG_FILE, load_run
 
     path, overrides = _split_config_args(args.items)
     if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():
-        model, tokenizer, config = load_run(path)
-        config = load_config(Path(path) / RUN_CONFIG_FILE, overrides)
+        model, tokenizer, config = load_run(path, overrides=overrides)  # overrides checked before loading
     elif path is not None:
         raise LeanftError(f"{path} is not a leanft run folder: pass a run folder, or model=... for a base model")
     else:
@@ -63,15 +61,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Run ``leanft merge RUN_DIR OUT_DIR``: a standalone HF model folder with the adapter merged in."""
-    from leanft.fileio import atomic_dir
-    from leanft.methods import merged
-    from leanft.train import load_run
+    from leanft.core.fileio import atomic_dir
+    from leanft.run.methods import method_spec
+    from leanft.run.rundir import load_run
 
     out_dir = Path(args.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
     model, tokenizer, config = load_run(args.run_dir, device="cpu")
-    plain = merged(model)
+    plain = method_spec(config.method).merge(model)
     with atomic_dir(out_dir) as folder:
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -83,8 +81,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``leanft generate RUN_DIR PROMPT``: the tuned model's greedy answer."""
-    from leanft.data import generate_answers
-    from leanft.train import load_run
+    from leanft.run.data import generate_answers
+    from leanft.run.rundir import load_run
 
     model, tokenizer, _ = load_run(args.run_dir)
     print(generate_answers(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
@@ -93,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``leanft compare``: methods trained side by side, held-out quality against training time."""
-    from leanft.compare import run_compare
+    from leanft.studies.compare import run_compare
 
     run_compare(args.items)
     return 0
@@ -101,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run ``leanft fidelity``: how close DropBP's gradients come to the full one on a training batch."""
-    from leanft.fidelity_study import parse_options, plot_command, render, run_study
+    from leanft.studies.fidelity_study import parse_options, plot_command, render, run_study
 
     drawn = plot_command(args.items)
     if drawn is not None:
@@ -116,30 +114,38 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run ``leanft bench``."""
-    from leanft.bench import run_bench
+    """Run ``leanft bench``: every option is checked before any measuring starts."""
+    from leanft.studies.bench import run_bench
+    from leanft.studies.bench_options import parse_bench_options
 
-    return run_bench(args)
+    return run_bench(parse_bench_options(args.items))
+
+
+def _add_keys_command(commands, name: str, summary: str, description: str, keys: list[str], func) -> None:
+    """A sub-command taking ``[CONFIG.yaml] [key=value ...]``, its keys listed in ``--help``."""
+    command = commands.add_parser(
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
+        epilog="\n".join(keys),
+    )
+    command.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    command.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``leanft`` argument parser with its sub-commands."""
-    from leanft.compare import COMPARE_HELP
-    from leanft.config import config_help
-    from leanft.fidelity_study import STUDY_HELP
+    from leanft.run.config import config_help
+    from leanft.run.options import options_help
+    from leanft.studies.bench_options import BenchOptions
+    from leanft.studies.compare import CompareOptions
+    from leanft.studies.fidelity_study import PLOT_HELP, FidelityKeys
 
     parser = argparse.ArgumentParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser(
-        "train",
-        help="fine-tune a model (no arguments: the embedded default job)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="leanft train [CONFIG.yaml] [key=value ...]",
-        epilog="config keys (YAML or key=value):\n" + "\n".join(config_help()),
-    )
-    train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    train.set_defaults(func=cmd_train)
+    train_keys = config_help()
+    with_train = "[CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)"
+    _add_keys_command(commands, "train", "fine-tune a model (no arguments: the embedded default job)",
+                      "leanft train [CONFIG.yaml] [key=value ...]", ["config keys (YAML or key=value):", *train_keys],
+                      cmd_train)
 
     evaluate = commands.add_parser("eval", help="held-out loss / perplexity / accuracy of a run or base model")
     evaluate.add_argument("items", nargs="*", metavar="RUN_DIR | key=value")
@@ -157,37 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
 
-    compare = commands.add_parser(
-        "compare",
-        help="train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="leanft compare [CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)",
-        epilog="compare keys:\n" + "\n".join(COMPARE_HELP) + "\ntrain keys (shared by every variant):\n"
-        + "\n".join(config_help()),
-    )
-    compare.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    compare.set_defaults(func=cmd_compare)
-
-    fidelity = commands.add_parser(
-        "fidelity",
-        help="check whether DropBP suits a model and batch: cosine of DropBP gradients with the full gradient",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="leanft fidelity [CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)\n"
-        "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=fidelity.json",
-        epilog="fidelity keys:\n" + "\n".join(STUDY_HELP) + "\ntrain keys (model, method, data, batch_size, ...):\n"
-        + "\n".join(config_help()),
-    )
-    fidelity.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    fidelity.set_defaults(func=cmd_fidelity)
-
-    try:
-        from leanft.bench import add_bench_arguments
-    except ImportError:
-        add_bench_arguments = None
-    if add_bench_arguments is not None:
-        bench = commands.add_parser("bench", help="speed / memory / max length side by side with peft LoRA")
-        add_bench_arguments(bench)
-        bench.set_defaults(func=cmd_bench)
+    _add_keys_command(commands, "compare",
+                      "train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
+                      f"leanft compare {with_train}",
+                      ["compare keys:", *options_help(CompareOptions), "train keys (shared by every variant):",
+                       *train_keys], cmd_compare)
+    _add_keys_command(commands, "fidelity",
+                      "check whether DropBP suits a model and batch: cosine of DropBP gradients with the full one",
+                      f"leanft fidelity {with_train}\n"
+                      "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=f.json",
+                      ["fidelity keys:", *options_help(FidelityKeys), PLOT_HELP,
+                       "train keys (model, method, data, batch_size, ...):", *train_keys], cmd_fidelity)
+    _add_keys_command(commands, "bench", "speed / memory / max length side by side with peft LoRA",
+                      "leanft bench [key=value ...]  (e.g. leanft bench quick=true bases=lora,paca rates=0.5)",
+                      ["bench keys:", *options_help(BenchOptions)], cmd_bench)
     return parser
 
 
@@ -211,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leanft: {interrupt or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        from leanft.distributed import leave_distributed
+        from leanft.core.distributed import leave_distributed
 
         leave_distributed()  # torchrun / accelerate ranks: close the process group before exiting
 

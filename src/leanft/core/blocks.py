@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc1+fc2")

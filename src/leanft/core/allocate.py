@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from leanft.distributed import is_distributed, squared_norm
-from leanft.dropbp import MAX_RATE, DropBP, check_rate
-from leanft.errors import LeanftError
+from leanft.core.distributed import is_distributed, squared_norm
+from leanft.core.dropbp import MAX_RATE, DropBP, check_rate
+from leanft.core.errors import LeanftError
 
 STEP = 0.1
 ALLOCATIONS = ("leanft", "official")
@@ -176,13 +176,9 @@ def measuring(ctrl: DropBP) -> Iterator[list[nn.Parameter]]:
     params = [param for param in ctrl.model.parameters() if param.requires_grad]
     if not params:
         raise LeanftError("the model has no trainable parameters; apply PaCA/LoRA or unfreeze it first")
-    saved_pattern, saved_active = ctrl.dropped, ctrl._active
-    try:
-        with preserved_global_state(ctrl.model, params):
-            ctrl.model.train()
-            yield params
-    finally:
-        ctrl.dropped, ctrl._active = saved_pattern, saved_active
+    with ctrl.pattern_preserved(), preserved_global_state(ctrl.model, params):
+        ctrl.model.train()
+        yield params
 
 
 def measure_sensitivities(
@@ -199,7 +195,7 @@ def measure_sensitivities(
             raise LeanftError("allocation needs a batch dict with 'labels' (and 'input_ids')")
         sequence = batch.get("input_ids")
         if isinstance(sequence, torch.Tensor) and sequence.dim() >= 2:
-            ctrl._set_seq_len(int(sequence.shape[1]))
+            ctrl.set_sequence_length(int(sequence.shape[1]))
         if by_paths is None:
             sharded = any(isinstance(param, DTensor) for param in params)
             by_paths = not sharded and all(len(branch.modules) == 1 for branch in ctrl.branches)
@@ -263,3 +259,18 @@ def greedy_rates(
         cheapest = min(open_branches, key=lambda i: (added_cost(i), i))
         tenths[cheapest] += 1
     return [round(t * STEP, 10) for t in tenths]
+
+
+def allocate_rates(
+    ctrl: DropBP, batch: dict, target: float | None = None, floor: float = 0.0, allocation: str = "leanft"
+) -> list[float]:
+    """Sensitivity-based drop rates for ``ctrl``'s branches, measured on ``batch``; sets and returns ``ctrl.rates``.
+
+    The rates average ``target`` (default: the controller's ``drop_rate``) weighted by FLOPs, none below
+    ``floor``. ``allocation``: ``"leanft"`` or ``"official"`` (the DropBP authors' rule; see the module docstring).
+    """
+    ctrl.sensitivities = measure_sensitivities(ctrl, batch, allocation=allocation)
+    flops = [branch.flops for branch in ctrl.branches]
+    target = ctrl.drop_rate if target is None else target
+    ctrl.set_rates(greedy_rates(ctrl.sensitivities, flops, target, floor, allocation))
+    return ctrl.rates

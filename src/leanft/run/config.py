@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from leanft.allocate import ALLOCATIONS
-from leanft.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
-from leanft.dropbp import SAMPLERS, check_schedule
-from leanft.errors import LeanftError
-from leanft.tasks import builtin_task
-
-METHODS = ("paca", "lora", "full")
-DEFAULT_LR = {"paca": 3e-3, "lora": 1e-3, "full": 2e-5}
-
-
-def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    """A dataclass field carrying its help text."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+from leanft.core.allocate import ALLOCATIONS
+from leanft.core.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
+from leanft.core.dropbp import SAMPLERS, check_schedule
+from leanft.core.errors import LeanftError
+from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
+from leanft.run.options import apply_items, assign, doc, options_help
+from leanft.run.tasks import builtin_task
 
 
 @dataclass
@@ -101,11 +91,16 @@ class TrainConfig:
     )
     eval_data: str | None = doc("held-out JSONL; default: the built-in task's held-out split, or 5% of data", None)
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
-    method: str = doc("paca | lora | full", "paca")
-    r: int = doc("PaCA columns / LoRA rank per layer", 8)
-    lora_alpha: int = doc("LoRA scaling numerator (method=lora)", 16)
-    target_modules: str = doc("'all-linear', a regex, or comma-separated name suffixes", "all-linear")
-    lr: float | None = doc("learning rate; default per method: paca 3e-3, lora 1e-3, full 2e-5", None)
+    method: str = doc(" | ".join(METHODS), "paca")
+    r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
+    lora_alpha: int = doc("LoRA scaling numerator (method=lora)", MethodSettings.lora_alpha)
+    target_modules: str = doc(
+        "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
+    )
+    lr: float | None = doc(
+        "learning rate; default per method: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values()),
+        None,
+    )
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
     warmup_ratio: float = doc("share of steps for LR warm-up", 0.05)
     weight_decay: float = doc("AdamW weight decay", 0.0)
@@ -137,12 +132,15 @@ class TrainConfig:
 
     def learning_rate(self) -> float:
         """The configured learning rate, or the method's default."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else method_spec(self.method).default_lr
+
+    def method_settings(self) -> MethodSettings:
+        """What attaching the run's method needs."""
+        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha)
 
     def validate(self) -> TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
-        if self.method not in METHODS:
-            raise LeanftError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        method = method_spec(self.method)  # a LeanftError naming the methods for an unknown one
         self.dropbp.validate(self.batch_size)
         if self.ddp_timeout < 1:
             raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
@@ -158,69 +156,17 @@ class TrainConfig:
             raise LeanftError(f"eval_steps must be >= 0 (0 = only before and after training), got {self.eval_steps}")
         if self.quantize not in (None, "4bit"):
             raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
-        if self.quantize and self.method == "full":
-            raise LeanftError("quantize=4bit freezes the base: use method=paca (QPaCA) or method=lora (QLoRA)")
+        if self.quantize and method.quantized is None:
+            raise LeanftError(f"quantize=4bit freezes the base: use {quantized_forms()}")
         if self.quantize and self.fsdp:
             raise LeanftError("quantize=4bit is not supported with fsdp=true")
         if self.quantize:
-            from leanft.quant import require_bitsandbytes
+            from leanft.core.quant import require_bitsandbytes
 
             require_bitsandbytes()
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         return self
-
-
-def _field_types(cls) -> dict[str, object]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: object, kind: object, key: str) -> object:
-    """Convert a YAML / command-line value to the field's type."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-        if type(None) in options:
-            return None
-        raise LeanftError(f"{key} cannot be null")
-    for option in (o for o in options if o is not type(None)):
-        if option is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return str(value).lower() in ("true", "1", "yes", "on")
-        elif option is int and not isinstance(value, bool):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            with contextlib.suppress(TypeError, ValueError):
-                return int(str(value))
-        elif option is float and not isinstance(value, bool):
-            with contextlib.suppress(TypeError, ValueError):
-                return float(value)
-        elif option is str:
-            return str(value).lower() if isinstance(value, bool) else str(value)
-    raise LeanftError(f"{key}={value!r} is not a valid {' or '.join(getattr(o, '__name__', str(o)) for o in options)}")
-
-
-def _assign(target: object, key: str, value: object, prefix: str = "") -> None:
-    types_by_name = _field_types(type(target))
-    head, _, rest = key.partition(".")
-    full = prefix + head
-    if head not in types_by_name:
-        raise LeanftError(f"unknown config key {full!r}: see `leanft train --help` for the keys")
-    current = getattr(target, head)
-    if dataclasses.is_dataclass(current):
-        if rest:
-            _assign(current, rest, value, full + ".")
-        elif isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                _assign(current, str(sub_key), sub_value, full + ".")
-        else:
-            raise LeanftError(f"{full} is a group: set its keys, e.g. {full}.rate=0.5")
-        return
-    if rest:
-        raise LeanftError(f"unknown config key {prefix + key!r}: see `leanft train --help` for the keys")
-    setattr(target, head, _coerce(value, types_by_name[head], full))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -237,30 +183,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise LeanftError(f"{source} must hold a mapping of config keys")
         for key, value in data.items():
-            _assign(config, str(key), value)
+            assign(config, str(key), value, "train")
     return apply_overrides(config, overrides).validate()
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """Set ``key=value`` items (YAML values; nested keys with dots) on ``config`` in place; returns it, unvalidated."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LeanftError(f"expected key=value, got {item!r}")
-        _assign(config, key.strip(), yaml.safe_load(value) if value.strip() else value)
-    return config
+    return apply_items(config, overrides, "train")
 
 
-def config_help(cls=TrainConfig, prefix: str = "") -> list[str]:
-    """One line per field: ``key (default): help``, nested groups flattened with dots."""
-    lines = []
-    for item in dataclasses.fields(cls):
-        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
-        if dataclasses.is_dataclass(default):
-            lines += config_help(type(default), prefix + item.name + ".")
-        else:
-            lines.append(f"  {prefix + item.name} (default {default!r}): {item.metadata.get('help', '')}")
-    return lines
+def config_help() -> list[str]:
+    """One line per train key: ``key (default): help``, nested groups flattened with dots."""
+    return options_help(TrainConfig)
 
 
 def config_to_dict(config: TrainConfig) -> dict:

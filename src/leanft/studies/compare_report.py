@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leanft.fileio import atomic_path
-from leanft.tables import Column, fmt, markdown_table
+from leanft.core.fileio import atomic_path
+from leanft.studies.tables import Column, fmt, markdown_table
 
 
 def time_to_quality(curve: Sequence[dict], target: float) -> float | None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The part of ``leanft bench`` that runs inside a fresh worker process: one model, one method, steps on request.
 
-A worker loads the model, applies one base method (peft LoRA, full fine-tuning or PaCA), attaches a DropBP
+A worker loads the model and applies one base method exactly as ``leanft train`` does (the method registry,
+``leanft.run.methods``, with train's default settings), attaches a DropBP
 controller when asked, builds AdamW over the trainable parameters and a fixed random batch, then answers
 requests from the parent over a pipe: ``step`` (one timed training step at a DropBP rate, drawing that
 step's pattern exactly as training does) or ``memory`` (one step measured for peak memory and bytes saved
@@ -13,21 +14,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
+import tempfile
 import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import transformers
 from torch import nn
 
-from leanft.chunked_loss import chunked_causal_lm_loss
-from leanft.dropbp import DropBP, apply_dropbp
-from leanft.memory import SavedTensorMeter
-from leanft.paca import apply_paca
+from leanft.core.chunked_loss import chunked_causal_lm_loss
+from leanft.core.dropbp import DropBP, apply_dropbp
+from leanft.run import models
+from leanft.run.config import TrainConfig
+from leanft.run.methods import METHODS, QUANTIZED_FORMS, attach_method
+from leanft.studies.memory import SavedTensorMeter
 
-BASES = ("lora", "full", "paca", "qlora", "qpaca")
-QUANTIZED = {"qlora": "lora", "qpaca": "paca"}  # on a bitsandbytes nf4 base (leanft.quant): the method it runs
+BASES = (*METHODS, *QUANTIZED_FORMS)  # every registered method and its 4-bit form (qlora, qpaca)
 TINY_MODEL = "tiny"
 TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embeddings, grouped KV heads)
     vocab_size=4096,
@@ -45,7 +49,7 @@ TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embedding
 class Case:
     """Everything a worker needs to build its model, method and batch."""
 
-    model: str = "default"  # "tiny" or any spec ``leanft.models.load_model_and_tokenizer`` accepts
+    model: str = "default"  # "tiny" or any spec ``leanft.run.models.load_model`` accepts
     base: str = "lora"  # one of BASES
     r: int = 8
     batch: int = 4
@@ -60,55 +64,28 @@ class Case:
 
 
 def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = False) -> nn.Module:
-    """The benchmark's model in train mode: a tiny random Llama for ``"tiny"``, else through ``leanft.models``.
+    """The benchmark's model in train mode, loaded as ``leanft train`` loads it (``leanft.run.models.load_model``).
 
-    ``quantize`` loads the linear layers in bitsandbytes nf4 (the tiny model through a temporary folder).
+    ``"tiny"`` is a small random Llama, saved to a temporary folder first; ``quantize`` loads the linear layers in
+    bitsandbytes nf4.
     """
-    from leanft.models import load_model_and_tokenizer
-
-    if spec == TINY_MODEL:
-        import tempfile
-
-        import transformers
-
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_CONFIG))
-        if quantize:
-            from leanft.quant import keep_4bit_layout, quantization_config
-
-            with tempfile.TemporaryDirectory() as folder:
-                model.to(dtype).save_pretrained(folder)
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    folder, dtype=dtype, quantization_config=quantization_config("4bit", device), device_map=device
-                )
-            return keep_4bit_layout(model).train()
-    else:
-        quantized = "4bit" if quantize else None
-        spec = None if spec == "default" else spec
-        model, _ = load_model_and_tokenizer(spec, dtype=dtype, device=device, quantize=quantized)
-        if quantize:
-            return model.train()
-    return model.to(device=device, dtype=dtype).train()
+    quantized = "4bit" if quantize else None
+    if spec != TINY_MODEL:
+        return models.load_model(None if spec == "default" else spec, dtype, device, quantized).train()
+    torch.manual_seed(0)
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_CONFIG))
+    with tempfile.TemporaryDirectory() as folder:
+        tiny.save_pretrained(folder)
+        return models.load_model(folder, dtype, device, quantized).train()
 
 
 def apply_method(model: nn.Module, base: str, r: int, seed: int) -> nn.Module:
-    """Make ``model`` trainable by ``base``: peft LoRA (alpha 2r, all linear layers), full fine-tuning or PaCA.
+    """Make ``model`` trainable by ``base`` exactly as ``leanft train`` does (same registry, same settings).
 
-    ``qlora`` / ``qpaca`` are LoRA / PaCA on a 4-bit model, after peft's ``prepare_model_for_kbit_training``.
+    A 4-bit form (``qlora``, ``qpaca``) is its method on the 4-bit model ``load_model(quantize=True)`` gives.
     """
-    if base in QUANTIZED:
-        from leanft.quant import prepare_quantized
-
-        return apply_method(prepare_quantized(model), QUANTIZED[base], r, seed)
-    if base == "lora":
-        import peft
-
-        return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    if base == "paca":
-        return apply_paca(model, r=r, seed=seed)
-    if base == "full":
-        return model.requires_grad_(True)
-    raise ValueError(f"unknown base method {base!r}; expected one of {BASES}")
+    method = QUANTIZED_FORMS.get(base, base)
+    return attach_method(model, method, TrainConfig(method=method, r=r, seed=seed).method_settings())
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int, device: str) -> dict[str, torch.Tensor]:
@@ -177,7 +154,7 @@ class Trainee:
     def __init__(self, case: Case) -> None:
         self.case = case
         dtype = getattr(torch, case.dtype)
-        model = load_model(case.model, dtype, case.device, quantize=case.base in QUANTIZED)
+        model = load_model(case.model, dtype, case.device, quantize=case.base in QUANTIZED_FORMS)
         vocab_size = model.config.vocab_size
         self.model = apply_method(model, case.base, case.r, case.seed)
         self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
@@ -209,7 +186,7 @@ class Trainee:
     def step(self, rate: float = 0.0, floor: bool = False, index: int = 0, chunked: bool = False) -> dict:
         """One timed training step (forward, backward, AdamW step) with step ``index``'s drop pattern.
 
-        ``chunked`` computes the loss with ``leanft.chunked_loss`` (never the full logits).
+        ``chunked`` computes the loss with ``leanft.core.chunked_loss`` (never the full logits).
         """
         _sync(self.case.device)
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from leanft.allocate import gradients_under_pattern, measuring
-from leanft.data import IGNORE_INDEX
-from leanft.dropbp import DropBP
-from leanft.errors import LeanftError
+from leanft.core.allocate import gradients_under_pattern, measuring
+from leanft.core.chunked_loss import IGNORE_INDEX
+from leanft.core.dropbp import DropBP
+from leanft.core.errors import LeanftError
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

@@ -16,24 +16,27 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from leanft.compare_report import plot_curves, render_table, time_to_quality
-from leanft.config import TrainConfig, apply_overrides, load_config
-from leanft.errors import LeanftError
-from leanft.fileio import atomic_path, write_json
+from leanft.core.errors import LeanftError
+from leanft.core.fileio import atomic_path, write_json
+from leanft.run.config import TrainConfig, apply_overrides, load_config
+from leanft.run.methods import METHODS
+from leanft.run.options import apply_items, doc, split_items
+from leanft.studies.compare_report import plot_curves, render_table, time_to_quality
 
 logger = logging.getLogger(__name__)
 
-VARIANTS: dict[str, dict] = {
-    "lora": {"method": "lora", "dropbp_on": False, "allocate": False},
-    "paca": {"method": "paca", "dropbp_on": False, "allocate": False},
-    "full": {"method": "full", "dropbp_on": False, "allocate": False},
-    "lora+dropbp": {"method": "lora", "dropbp_on": True, "allocate": True},
-    "paca+dropbp": {"method": "paca", "dropbp_on": True, "allocate": True},
-    "full+dropbp": {"method": "full", "dropbp_on": True, "allocate": True},
-    "lora+dropbp-uniform": {"method": "lora", "dropbp_on": True, "allocate": False},
-    "paca+dropbp-uniform": {"method": "paca", "dropbp_on": True, "allocate": False},
-    "full+dropbp-uniform": {"method": "full", "dropbp_on": True, "allocate": False},
-}
+
+def study_variants() -> dict[str, dict]:
+    """Every variant name: each registered method alone, with allocated DropBP, and with uniform DropBP."""
+    variants = {}
+    for name in METHODS:
+        variants[name] = {"method": name, "dropbp_on": False, "allocate": False}
+        variants[f"{name}+dropbp"] = {"method": name, "dropbp_on": True, "allocate": True}
+        variants[f"{name}+dropbp-uniform"] = {"method": name, "dropbp_on": True, "allocate": False}
+    return variants
+
+
+VARIANTS = study_variants()
 DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
 STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
 RESULT_FILE = "compare.json"
@@ -45,42 +48,33 @@ PLOT_FILE = "compare_loss.png"
 class CompareOptions:
     """The keys ``leanft compare`` adds to those of ``leanft train``."""
 
-    variants: str = DEFAULT_VARIANTS
-    eval_every: int = 10
+    variants: str = doc(
+        "comma-separated, the first is the baseline; choose from " + ", ".join(VARIANTS)
+        + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr "
+        "and DropBP keys after colons: paca:lr=0.01, paca+dropbp:warmup=0.2:rate=0.3",
+        DEFAULT_VARIANTS,
+    )
+    eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
 
-
-COMPARE_HELP = (
-    f"  variants (default {DEFAULT_VARIANTS!r}): comma-separated, the first is the baseline; "
-    f"choose from {', '.join(VARIANTS)}; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). "
-    "A variant may set its own lr and DropBP keys after colons: paca:lr=0.01, paca+dropbp:warmup=0.2:rate=0.3",
-    "  eval_every (default 10): held-out loss every N optimizer steps (not counted as training time)",
-    "  output_dir: the study folder (default: a new folder under runs/); each variant's run goes in a sub-folder",
-)
+    def validate(self) -> CompareOptions:
+        """Raise a LeanftError naming the first bad option; normalises ``variants``; returns self."""
+        if self.eval_every < 1:
+            raise LeanftError(f"eval_every must be a whole number >= 1, got {self.eval_every!r}")
+        names = [name.strip() for name in self.variants.split(",") if name.strip()]
+        unknown = [name for name in names if variant_base(name) not in VARIANTS]
+        if unknown or not names:
+            raise LeanftError(f"unknown variant(s) {unknown or self.variants!r}: choose from {', '.join(VARIANTS)}")
+        if len(set(names)) != len(names):
+            raise LeanftError(f"variants lists a method twice: {self.variants}")
+        self.variants = ",".join(names)
+        return self
 
 
 def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None, list[str]]:
     """(compare options, YAML path or None, the ``leanft train`` overrides) from the command's arguments."""
-    options, path, overrides = CompareOptions(), None, []
-    for position, item in enumerate(items):
-        key, sep, value = item.partition("=")
-        if not sep and position == 0:
-            path = item
-        elif key == "variants":
-            options.variants = value
-        elif key == "eval_every":
-            if not value.isdigit() or int(value) < 1:
-                raise LeanftError(f"eval_every must be a whole number >= 1, got {value!r}")
-            options.eval_every = int(value)
-        else:
-            overrides.append(item)
-    names = [name.strip() for name in options.variants.split(",") if name.strip()]
-    unknown = [name for name in names if variant_base(name) not in VARIANTS]
-    if unknown or not names:
-        raise LeanftError(f"unknown variant(s) {unknown or options.variants!r}: choose from {', '.join(VARIANTS)}")
-    if len(set(names)) != len(names):
-        raise LeanftError(f"variants lists a method twice: {options.variants}")
-    options.variants = ",".join(names)
-    return options, path, overrides
+    path, items = (items[0], list(items[1:])) if items and "=" not in items[0] else (None, list(items))
+    own, overrides = split_items(CompareOptions, items)
+    return apply_items(CompareOptions(), own, "compare").validate(), path, overrides
 
 
 def variant_base(name: str) -> str:
@@ -142,7 +136,7 @@ def prepare_study_dir(base: TrainConfig) -> Path:
 
 def run_variant(config: TrainConfig, baseline: dict | None) -> tuple[dict, list[dict]]:
     """Train one variant; (its summary, its held-out curve with the untrained point at time 0)."""
-    from leanft.train import train
+    from leanft.run.train import train
 
     summary = train(config, baseline=baseline)
     start = {"step": 0, "time_s": 0.0, "heldout_loss": summary["heldout_loss_before"]}
@@ -180,7 +174,7 @@ def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict
 
 def run_compare(items: Sequence[str]) -> dict:
     """Run ``leanft compare`` on its command-line arguments; returns what ``compare.json`` holds."""
-    from leanft.train import BASELINE_FILE
+    from leanft.run.rundir import BASELINE_FILE
 
     options, path, overrides = parse_compare_args(items)
     base = load_config(path, overrides)

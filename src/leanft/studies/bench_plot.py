@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leanft.bench_report import MIB, SHORT_LABELS, interpolated_time
+from leanft.studies.bench_report import MIB, SHORT_LABELS, interpolated_time
 
 COLORS = {"lora": "#7f7f7f", "full": "#d62728", "paca": "#1f77b4"}
 

@@ -11,7 +11,7 @@ of the training data loader), gives every data-parallel rank rank 0's rates, and
 (seed, step, rates, FLOPs skipped so far) in ``trainer_state.json`` of every checkpoint, from which it is
 restored on resume. ``warmup`` / ``cooldown`` (shares of the optimizer steps) pause dropping at the start / end
 of training; the schedule is a function of the optimizer step, so a resumed run follows it exactly. With
-``auto_threshold`` the callback also picks the drop rate (``leanft.autorate.choose_rate``) at the allocation
+``auto_threshold`` the callback also picks the drop rate (``leanft.core.autorate.choose_rate``) at the allocation
 step (step 0 without allocation), on ``fidelity_batch``; nothing is dropped before that.
 """
 
@@ -25,10 +25,11 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from leanft.autorate import choose_rate
-from leanft.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
-from leanft.dropbp import DropBP, check_schedule
-from leanft.errors import LeanftError
+from leanft.core.allocate import allocate_rates
+from leanft.core.autorate import choose_rate
+from leanft.core.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
+from leanft.core.dropbp import DropBP, check_schedule
+from leanft.core.errors import LeanftError
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         ctrl = self.controller
         batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(loader)
         if self.allocate_at is not None:
-            ctrl.allocate(batch, allocation=self.allocation)
+            allocate_rates(ctrl, batch, allocation=self.allocation)
         if self.auto_threshold is not None:
             sensitivities = ctrl.sensitivities if self.allocate_at is not None else None
             fidelity_batch = self.fidelity_batch if self.fidelity_batch is not None else batch

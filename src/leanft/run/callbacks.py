@@ -10,8 +10,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from leanft.evaluate import heldout_loss
-from leanft.fileio import atomic_path
+from leanft.core.fileio import atomic_path
+from leanft.run.evaluate import heldout_loss
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from leanft.blocks import Branch, find_branches
-from leanft.errors import LeanftError
+from leanft.core.blocks import Branch, find_branches
+from leanft.core.errors import LeanftError
 
 MAX_RATE = 0.9
 SAMPLERS = ("bernoulli", "topup")
@@ -89,7 +89,7 @@ class DropBP:
         for index, branch in enumerate(self.branches):
             for module in branch.modules:
                 self._wrap(module, index)
-        self._set_seq_len(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
+        self.set_sequence_length(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
 
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module, index: int) -> None:
@@ -124,7 +124,7 @@ class DropBP:
             return
         seq_len = _sequence_length(args, kwargs)
         if seq_len is not None:
-            self._set_seq_len(seq_len)
+            self.set_sequence_length(seq_len)
         if self._forced is not None:
             self.dropped = list(self._forced)
             return
@@ -178,6 +178,15 @@ class DropBP:
         finally:
             self._forced = previous
 
+    @contextlib.contextmanager
+    def pattern_preserved(self) -> Iterator[None]:
+        """On exit, the current pattern and whether the current forward drops are as on entry (measurements)."""
+        saved_pattern, saved_active = self.dropped, self._active
+        try:
+            yield
+        finally:
+            self.dropped, self._active = saved_pattern, saved_active
+
     # -- rates and FLOPs -----------------------------------------------------------------------------
     def set_rates(self, rates: Sequence[float]) -> None:
         """Set per-branch drop rates (each in [0, 1))."""
@@ -185,7 +194,8 @@ class DropBP:
             raise LeanftError(f"rates needs {len(self.branches)} entries (one per branch), got {len(rates)}")
         self.rates = [check_rate(rate, f"rates[{i}]") for i, rate in enumerate(rates)]
 
-    def _set_seq_len(self, seq_len: int) -> None:
+    def set_sequence_length(self, seq_len: int) -> None:
+        """Size the branches' FLOPs (hence the drop shares) for sequences of ``seq_len`` tokens."""
         for branch in self.branches:
             branch.set_seq_len(seq_len)
 
@@ -203,21 +213,6 @@ class DropBP:
     def realised_drop_fraction(self) -> float:
         """Share of the branches' backward FLOPs skipped over every training forward so far (0 before any)."""
         return self.skipped_flops / self.total_flops if self.total_flops > 0 else 0.0
-
-    def allocate(
-        self, batch: dict, target: float | None = None, floor: float = 0.0, allocation: str = "leanft"
-    ) -> list[float]:
-        """Sensitivity-based allocation of drop rates on ``batch``; sets and returns ``self.rates``.
-
-        ``allocation``: ``"leanft"`` or ``"official"`` (the DropBP authors' rule; see ``leanft.allocate``).
-        """
-        from leanft.allocate import greedy_rates, measure_sensitivities
-
-        self.sensitivities = measure_sensitivities(self, batch, allocation=allocation)
-        flops = [branch.flops for branch in self.branches]
-        target = self.drop_rate if target is None else target
-        self.set_rates(greedy_rates(self.sensitivities, flops, target, floor, allocation))
-        return self.rates
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -11,16 +11,11 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from leanft.errors import LeanftError
-
-if TYPE_CHECKING:
-    from leanft.config import TrainConfig
+from leanft.core.errors import LeanftError
 
 Records = list[dict]
 Scorer = Callable[[str, str], bool]
-DEFAULT_MAX_NEW_TOKENS = 24  # generation length for accuracy on data that is not a built-in task
 
 
 @dataclass(frozen=True)
@@ -245,12 +240,3 @@ def builtin_task(data: str) -> Task | None:
     if name not in TASKS:
         raise LeanftError(f"unknown built-in task {name!r}: choose {' or '.join(f'builtin:{n}' for n in TASKS)}")
     return TASKS[name]
-
-
-def eval_options(config: TrainConfig) -> dict:
-    """``evaluate()`` keywords for a run: its data's scorer and generation length (``max_new_tokens`` when set)."""
-    task = builtin_task(config.data)
-    max_new_tokens = config.max_new_tokens
-    if max_new_tokens is None:
-        max_new_tokens = task.max_new_tokens if task else DEFAULT_MAX_NEW_TOKENS
-    return {"max_new_tokens": max_new_tokens, "correct": task.correct if task else same_text}

@@ -14,21 +14,29 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from leanft.config import TrainConfig, load_config
-from leanft.dropbp import check_rate
-from leanft.errors import LeanftError
-from leanft.fileio import atomic_path, write_json
-from leanft.tables import fmt, markdown_table
+from leanft.core.dropbp import check_rate
+from leanft.core.errors import LeanftError
+from leanft.core.fileio import atomic_path, write_json
+from leanft.run.config import TrainConfig, load_config
+from leanft.run.options import apply_items, doc, split_items
+from leanft.studies.tables import fmt, markdown_table
 
 DEFAULT_PATTERNS = (1, 4, 8)
-STUDY_HELP = (
-    "  rates (default 0.25,0.5): comma-separated DropBP drop rates, each in [0, 1)",
-    f"  patterns (default {','.join(map(str, DEFAULT_PATTERNS))}, those <= batch_size): comma-separated patterns "
-    "per step; the batch is split into that many micro-batches, each with its own pattern",
-    "  samples (default 6): sampled steps per (rate, patterns) pair",
-    "  output (default none): also write the results as JSON to this path (never overwrites a file)",
-    "  plot=OUT.png results=A.json,B.json: instead of measuring, draw saved results against model size",
-)
+PLOT_HELP = "  plot=OUT.png results=A.json,B.json: instead of measuring, draw saved results against model size"
+
+
+@dataclasses.dataclass
+class FidelityKeys:
+    """The keys ``leanft fidelity`` adds to those of ``leanft train``, as given."""
+
+    rates: str = doc("comma-separated DropBP drop rates, each in [0, 1)", "0.25,0.5")
+    patterns: str | None = doc(
+        "comma-separated patterns per step (the batch runs as that many micro-batches, each with its own pattern); "
+        f"null = {','.join(map(str, DEFAULT_PATTERNS))}, those <= batch_size",
+        None,
+    )
+    samples: str = doc("sampled steps per (rate, patterns) pair", "6")
+    output: str | None = doc("also write the results as JSON to this path (never overwrites a file)", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +82,20 @@ def _refuse_existing(output: Path | None) -> None:
 
 def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, StudyOptions]:
     """(train config, study options) from an optional YAML path and ``key=value`` items; raises on any bad value."""
-    study, train_items = {}, []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if sep and key.strip() in ("rates", "patterns", "samples", "output"):
-            study[key.strip()] = value.strip()
-        else:
-            train_items.append(item)
+    own, train_items = split_items(FidelityKeys, items)
+    keys = apply_items(FidelityKeys(), own, "fidelity")
     config = load_config(path, train_items)
-    rows, defaults = config.batch_size, StudyOptions()
-    rates, patterns, samples = study.get("rates"), study.get("patterns"), study.get("samples")
+    rows = config.batch_size
+    patterns = (
+        tuple(k for k in DEFAULT_PATTERNS if k <= rows)
+        if keys.patterns is None
+        else tuple(_whole("patterns", text, 1, rows) for text in _items("patterns", keys.patterns))
+    )
     options = StudyOptions(
-        rates=defaults.rates if rates is None else tuple(_rate(text) for text in _items("rates", rates)),
-        patterns=tuple(k for k in defaults.patterns if k <= rows)
-        if patterns is None
-        else tuple(_whole("patterns", text, 1, rows) for text in _items("patterns", patterns)),
-        samples=defaults.samples if samples is None else _whole("samples", samples, 1),
-        output=Path(study["output"]) if study.get("output") else None,
+        rates=tuple(_rate(text) for text in _items("rates", keys.rates)),
+        patterns=patterns,
+        samples=_whole("samples", keys.samples, 1),
+        output=Path(keys.output) if keys.output else None,
     )
     _refuse_existing(options.output)
     return config, options
@@ -98,12 +103,11 @@ def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, 
 
 def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
-    from leanft.data import collate, tokenize_dataset
-    from leanft.dropbp import apply_dropbp
-    from leanft.fidelity import answer_tokens, full_gradient, gradient_fidelity
-    from leanft.methods import attach_method
-    from leanft.models import load_model_and_tokenizer
-    from leanft.train import load_records
+    from leanft.core.dropbp import apply_dropbp
+    from leanft.core.fidelity import answer_tokens, full_gradient, gradient_fidelity
+    from leanft.run.data import collate, load_records, tokenize_dataset
+    from leanft.run.methods import attach_method
+    from leanft.run.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     text_config = model.config.get_text_config()
@@ -112,7 +116,7 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
         "layers": text_config.num_hidden_layers,
         "width": text_config.hidden_size,
     }
-    model = attach_method(model, config.method, config.r, config.target_modules, config.seed, config.lora_alpha)
+    model = attach_method(model, config.method, config.method_settings())
     ctrl = apply_dropbp(model, drop_rate=options.rates[0], seed=config.seed)
     features = tokenize_dataset(load_records(config)[0][: config.batch_size], tokenizer, config.max_seq_len)
     device = next(model.parameters()).device

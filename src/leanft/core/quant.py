@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanft.errors import LeanftError
-from leanft.paca import PacaLinear, PacaMatmul
+from leanft.core.errors import LeanftError
+from leanft.core.paca_layer import PacaDispatch, PacaLinear, PacaMatmul
 
 QUANTIZE_CHOICES = ("4bit",)
 
@@ -191,6 +191,14 @@ class QPacaLinear(PacaLinear):
         return f"{super().extra_repr()}, base={self.weight.quant_type}"
 
 
+LINEAR_4BIT = PacaDispatch(  # QPaCA: ``apply_paca`` on a bitsandbytes 4-bit linear
+    matches=is_linear4bit,
+    in_features=lambda module: module.in_features,
+    weight=lambda module: dequantize_module(module, torch.float32),
+    build=lambda module, index, weight: QPacaLinear(module, index, weight),
+)
+
+
 def prepare_quantized(model: nn.Module) -> nn.Module:
     """peft's ``prepare_model_for_kbit_training`` without its gradient checkpointing (leanft sets that itself)."""
     import peft
@@ -236,9 +244,8 @@ def trainer_accepts(model: nn.Module) -> Iterator[None]:
     ``_hf_peft_config_loaded`` flag); QPaCA layers are such an adapter, so the flag is set while the Trainer is
     built and restored afterwards.
     """
-    from leanft.paca import paca_modules
-
-    marked = getattr(model, "hf_quantizer", None) is not None and bool(paca_modules(model))
+    has_paca = any(isinstance(module, PacaLinear) for module in model.modules())
+    marked = getattr(model, "hf_quantizer", None) is not None and has_paca
     previous = model.__dict__.get("_hf_peft_config_loaded")
     if marked:
         model._hf_peft_config_loaded = True

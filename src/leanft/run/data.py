@@ -3,7 +3,7 @@
 A record is either ``{"instruction", "input" (optional), "output"}`` or ``{"messages": [{"role", "content"}]}``.
 It is rendered with the tokenizer's chat template (a plain ``### Instruction`` / ``### Response`` format when
 the tokenizer has none) and labels are ``-100`` everywhere except on the assistant's tokens, which end with
-the EOS token. The module also holds greedy generation and an accuracy helper (built-in tasks: ``leanft.tasks``).
+the EOS token. The module also holds greedy generation and an accuracy helper (built-in tasks: ``leanft.run.tasks``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from leanft.errors import LeanftError
-from leanft.tasks import Scorer, same_text
+from leanft.core.chunked_loss import IGNORE_INDEX
+from leanft.core.errors import LeanftError
+from leanft.run.tasks import Scorer, builtin_task, same_text
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from leanft.run.config import TrainConfig
+
 Record = dict
 Feature = dict[str, list[int]]
 
@@ -267,3 +271,17 @@ def match_rate(predictions: Sequence[str], references: Sequence[str], correct: S
     if not references:
         return 0.0
     return sum(map(correct, predictions, references)) / len(references)
+
+
+def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records) from a built-in task or JSONL files."""
+    task = builtin_task(config.data)
+    if task is not None:
+        return task.generate(config.seed, config.num_train, config.num_eval)
+    records = load_jsonl_examples(config.data)
+    if config.eval_data is not None:
+        return records, load_jsonl_examples(config.eval_data)[: config.num_eval]
+    held = max(1, min(config.num_eval, len(records) // 20))
+    if len(records) < 2:
+        raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
+    return records[:-held], records[-held:]

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from leanft.data import IGNORE_INDEX, Feature, Record, collate, generate_answers, match_rate, user_text
-from leanft.tasks import Scorer, same_text
+from leanft.run.data import IGNORE_INDEX, Feature, Record, collate, generate_answers, match_rate, user_text
+from leanft.run.tasks import Scorer, builtin_task, same_text
+
+if TYPE_CHECKING:
+    from leanft.run.config import TrainConfig
+
+DEFAULT_MAX_NEW_TOKENS = 24  # generation length for accuracy on data that is not a built-in task
 
 
 def heldout_loss(model: nn.Module, features: Sequence[Feature], pad_token_id: int, batch_size: int = 8) -> float:
@@ -84,3 +90,12 @@ def evaluate(
         "perplexity": math.exp(min(loss, 50.0)),
         "accuracy": accuracy(model, tokenizer, records, max_new_tokens, correct),
     }
+
+
+def eval_options(config: TrainConfig) -> dict:
+    """``evaluate()`` keywords for a run: its data's scorer and generation length (``max_new_tokens`` when set)."""
+    task = builtin_task(config.data)
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = task.max_new_tokens if task else DEFAULT_MAX_NEW_TOKENS
+    return {"max_new_tokens": max_new_tokens, "correct": task.correct if task else same_text}

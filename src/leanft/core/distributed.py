@@ -32,13 +32,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from leanft.errors import LeanftError
-from leanft.fileio import atomic_dir
+from leanft.core.errors import LeanftError
+from leanft.core.fileio import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from leanft.dropbp import DropBP
+    from leanft.core.dropbp import DropBP
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def shard_fsdp2(model: nn.Module, blocks: str | None = None, reshard_after_forwa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from leanft.blocks import _find_block_list
+    from leanft.core.blocks import _find_block_list
 
     if not is_distributed():
         raise LeanftError("FSDP2 needs a distributed launch: start with torchrun or accelerate launch")

@@ -1,4 +1,4 @@
-"""Numbers and text of ``leanft bench``: methods, ratios to LoRA, the DropBP cost model, targets, the markdown table.
+"""Numbers and text of ``leanft bench``: methods, ratios to LoRA, the DropBP cost model, the markdown table.
 
 Everything here is pure (no models, no processes), so it is tested directly on made-up measurements.
 """
@@ -9,10 +9,22 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from leanft.tables import Column, fmt, markdown_table
+from leanft.run.methods import METHODS
+from leanft.studies.tables import Column, fmt, markdown_table
 
-BASE_LABELS = {"lora": "peft LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA (nf4)", "qpaca": "QPaCA (nf4)"}
-SHORT_LABELS = {"lora": "LoRA", "full": "full FT", "paca": "PaCA", "qlora": "QLoRA", "qpaca": "QPaCA"}
+
+def _labels() -> tuple[dict[str, str], dict[str, str]]:
+    """(table label, short label) of every bench base: each registered method and its 4-bit form."""
+    labels, short = {}, {}
+    for spec in METHODS.values():
+        labels[spec.name], short[spec.name] = spec.label, spec.short_label
+        if spec.quantized:
+            quantized = "Q" + spec.short_label
+            labels[spec.quantized], short[spec.quantized] = f"{quantized} (nf4)", quantized
+    return labels, short
+
+
+BASE_LABELS, SHORT_LABELS = _labels()
 BASELINE = "lora"
 MIB = 1024 * 1024
 
@@ -20,7 +32,7 @@ MIB = 1024 * 1024
 @dataclass(frozen=True)
 class Method:
     """One row of the benchmark: a base method, optionally with DropBP at ``rate`` or with every branch dropped,
-    optionally with the chunked loss (``leanft.chunked_loss``)."""
+    optionally with the chunked loss (``leanft.core.chunked_loss``)."""
 
     base: str
     rate: float = 0.0
@@ -159,56 +171,6 @@ def summarize(
 # -- targets -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """A claim from issue #4: ``metric`` of method ``key`` at most (or at least) ``bound``."""
-
-    text: str
-    key: str  # a method key, or "*dropbp" for every DropBP method
-    metric: str
-    bound: float
-    at_least: bool = False
-
-
-TARGETS = (
-    Target("PaCA step time <= 0.70x LoRA", "paca", "time_ratio", 0.70),
-    Target("LoRA + DropBP 0.5 step time <= 0.55x LoRA", "lora+dropbp0.5", "time_ratio", 0.55),
-    Target("PaCA + DropBP 0.5 step time <= 0.45x LoRA", "paca+dropbp0.5", "time_ratio", 0.45),
-    Target("PaCA peak memory <= 0.90x LoRA", "paca", "peak_ratio", 0.90),
-    Target("PaCA + DropBP 0.5 peak memory <= 0.75x LoRA", "paca+dropbp0.5", "peak_ratio", 0.75),
-    Target("PaCA + DropBP 0.5 max sequence length >= 1.5x LoRA", "paca+dropbp0.5", "len_ratio", 1.5, at_least=True),
-    Target("every DropBP step <= 1.15x the no-drop/floor interpolation", "*dropbp", "vs_interp", 1.15),
-    # issue #7: the memory stack (4-bit base, DropBP, chunked loss)
-    Target("QPaCA peak memory <= 0.5x LoRA", "qpaca", "peak_ratio", 0.5),
-    Target("QPaCA + chunked loss peak memory <= 0.5x LoRA", "qpaca+chunked", "peak_ratio", 0.5),
-    Target(
-        "QPaCA + DropBP 0.5 + chunked loss max sequence length >= 3x LoRA",
-        "qpaca+dropbp0.5+chunked", "len_ratio", 3.0, at_least=True,
-    ),
-    Target(
-        "QPaCA + DropBP 0.5 + chunked loss step time <= LoRA's (at LoRA's max length)",
-        "qpaca+dropbp0.5+chunked", "time_ratio", 1.0,
-    ),
-)
-
-
-def check_targets(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> list[dict]:
-    """Each target with the measured value(s) and whether it is met (None when not measured in this run)."""
-    results = []
-    for target in targets:
-        if target.key == "*dropbp":
-            chosen = [row for row in rows if row["rate"] and not row["floor"]]
-        else:
-            chosen = [row for row in rows if row["key"] == target.key]
-        values = {row["key"]: row.get(target.metric) for row in chosen if row.get(target.metric) is not None}
-        met = None
-        if values:
-            worst = min(values.values()) if target.at_least else max(values.values())
-            met = worst >= target.bound if target.at_least else worst <= target.bound
-        results.append({"target": target.text, "values": values, "met": met})
-    return results
-
-
 # -- text ---------------------------------------------------------------------------------------------------
 
 
@@ -231,13 +193,3 @@ COLUMNS: tuple[Column, ...] = (
 def render_table(rows: Sequence[dict]) -> str:
     """The markdown table of all methods (``–`` where a figure was not measured)."""
     return markdown_table(COLUMNS, rows)
-
-
-def render_targets(results: Sequence[dict]) -> str:
-    """A markdown list: each target, its measured value(s) and met / MISSED / not measured."""
-    lines = []
-    for result in results:
-        status = {True: "met", False: "MISSED", None: "not measured"}[result["met"]]
-        values = ", ".join(f"{key} {value:.3f}" for key, value in result["values"].items())
-        lines.append(f"- {result['target']}: **{status}**" + (f" ({values})" if values else ""))
-    return "\n".join(lines)

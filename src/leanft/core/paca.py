@@ -1,0 +1,233 @@
+"""PaCA: fine-tune r input columns of each pretrained weight matrix (Woo et al., ICLR 2025).
+
+``apply_paca`` replaces targeted ``nn.Linear`` (GPT-2 ``Conv1D``, bitsandbytes 4-bit) modules by PaCA layers
+(``leanft.core.paca_layer``; ``QPacaLinear`` on a 4-bit base), chosen by the dispatchers in ``DISPATCHERS``;
+the frozen weight stays untouched and only the columns ``paca_index`` train. Save, load, merge and remove work
+on any model holding such layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leanft.core.distributed import full_tensor, is_main_process
+from leanft.core.errors import LeanftError
+from leanft.core.fileio import atomic_path, write_json
+from leanft.core.paca_layer import PacaDispatch, PacaLinear
+from leanft.core.quant import LINEAR_4BIT
+
+ADAPTER_FILE = "paca_adapter.safetensors"
+CONFIG_FILE = "paca_config.json"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return module.bias.data if module.bias is not None else None
+
+
+LINEAR = PacaDispatch(
+    matches=lambda module: type(module) is nn.Linear,
+    in_features=lambda module: module.in_features,
+    weight=lambda module: module.weight.data,
+    build=lambda module, index, weight: PacaLinear(weight, _bias(module), index, "linear"),
+)
+CONV1D = PacaDispatch(  # GPT-2's transposed linear
+    matches=_is_conv1d,
+    in_features=lambda module: module.weight.shape[0],
+    weight=lambda module: module.weight.data.t().contiguous(),
+    build=lambda module, index, weight: PacaLinear(weight, _bias(module), index, "conv1d"),
+)
+DISPATCHERS = (LINEAR, CONV1D, LINEAR_4BIT)
+
+
+def _dispatch(module: nn.Module) -> PacaDispatch | None:
+    """The dispatcher for a module PaCA can replace, else None."""
+    return next((dispatch for dispatch in DISPATCHERS if dispatch.matches(module)), None)
+
+
+def _target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    candidates = [name for name, module in model.named_modules() if _dispatch(module) is not None]
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n in candidates if model.get_submodule(n) is not head and not n.endswith("lm_head")]
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise LeanftError(f"target_modules={target_modules!r} is not a valid regex ({exc})") from exc
+        names = [n for n in candidates if pattern.fullmatch(n)]
+    elif isinstance(target_modules, Sequence) and all(isinstance(s, str) for s in target_modules):
+        names = [n for n in candidates if any(n == s or n.endswith("." + s) for s in target_modules)]
+    else:
+        raise LeanftError(
+            f"target_modules must be 'all-linear', a regex string or a list of name suffixes, got {target_modules!r}"
+        )
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise LeanftError(
+            f"target_modules={target_modules!r} matched no linear layer; known layer names: {', '.join(suffixes)}"
+        )
+    return names
+
+
+def _choose_columns(weight: torch.Tensor, r: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    if init == "random":
+        chosen = torch.randperm(weight.shape[1], generator=generator)[:r]
+    elif init == "weight_norm":
+        chosen = weight.float().norm(dim=0).topk(r).indices.cpu()
+    else:
+        raise LeanftError(f"init must be 'random' or 'weight_norm', got {init!r}")
+    return chosen.sort().values
+
+
+def paca_modules(model: nn.Module) -> dict[str, PacaLinear]:
+    """All PaCA layers of ``model`` by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, PacaLinear)}
+
+
+def apply_paca(
+    model: nn.Module,
+    r: int = 8,
+    target_modules: str | Sequence[str] = "all-linear",
+    seed: int = 0,
+    init: str = "random",
+    train_bias: bool = False,
+) -> nn.Module:
+    """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LeanftError(f"r must be a positive integer (number of trained columns per layer), got {r!r}")
+    if paca_modules(model):
+        raise LeanftError("the model already has PaCA layers; merge_paca or remove_paca them first")
+    names = _target_names(model, target_modules)
+    for name in names:
+        module = model.get_submodule(name)
+        width = _dispatch(module).in_features(module)
+        if r > width:
+            raise LeanftError(f"r={r} exceeds the input width {width} of {name}; pick r <= {width}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tied = _shared_storages(model)
+    generator = torch.Generator().manual_seed(seed)
+    for name in names:
+        module = model.get_submodule(name)
+        dispatch = _dispatch(module)
+        weight = dispatch.weight(module)
+        if weight.untyped_storage().data_ptr() in tied:  # PaCA writes into its weight: never into a tied one
+            weight = weight.clone()
+        index = _choose_columns(weight, r, init, generator)
+        replacement = dispatch.build(module, index, weight)
+        if train_bias and replacement.bias is not None:
+            replacement.bias.requires_grad_(True)
+        model.set_submodule(name, replacement)
+    return model
+
+
+def _shared_storages(model: nn.Module) -> set[int]:
+    """Storages held by more than one parameter or buffer of ``model`` (tied weights)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    counts = Counter(tensor.untyped_storage().data_ptr() for _, tensor in tensors)
+    return {pointer for pointer, count in counts.items() if count > 1}
+
+
+def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
+    for name, module in paca_modules(model).items():
+        model.set_submodule(name, module.merged_module() if merged else module.original_module())
+    return model
+
+
+def merge_paca(model: nn.Module) -> nn.Module:
+    """Write the trained columns into the weights and give back plain nn.Linear / Conv1D modules."""
+    return _replace_all(model, merged=True)
+
+
+def remove_paca(model: nn.Module) -> nn.Module:
+    """Drop the PaCA layers and give back the original modules with their original weights."""
+    return _replace_all(model, merged=False)
+
+
+@contextlib.contextmanager
+def paca_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model with the original weights (trained columns ignored) inside the block."""
+    modules = list(paca_modules(model).values())
+    for module in modules:
+        module.disabled = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disabled = False
+
+
+def save_paca(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapter folder (``paca_adapter.safetensors`` + ``paca_config.json``) atomically.
+
+    In a distributed run call it on every rank: FSDP2-sharded columns are gathered (a collective) and only
+    rank 0 writes, so the full adapter is written once.
+    """
+    modules = paca_modules(model)
+    if not modules:
+        raise LeanftError("the model has no PaCA layers to save; call apply_paca first")
+    tensors = {}
+    for name, module in modules.items():
+        tensors[f"{name}.paca_index"] = module.paca_index.detach().cpu().contiguous()
+        tensors[f"{name}.paca_weight"] = full_tensor(module.paca_weight.detach()).cpu().contiguous()
+        if module.bias is not None and module.bias.requires_grad:
+            tensors[f"{name}.bias"] = full_tensor(module.bias.detach()).cpu().contiguous()
+    folder = Path(path)
+    if not is_main_process():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / ADAPTER_FILE) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
+    ranks = {module.r for module in modules.values()}
+    write_json(folder / CONFIG_FILE, {"format": "leanft-paca", "version": 1, "r": max(ranks), "layers": list(modules)})
+    return folder
+
+
+def load_paca(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an adapter folder into ``model`` (applying PaCA to the saved layers first if needed)."""
+    folder = Path(path)
+    if not (folder / ADAPTER_FILE).is_file():
+        raise LeanftError(f"{folder} holds no {ADAPTER_FILE}; point at a folder written by save_paca")
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    modules = paca_modules(model)
+    if not modules:
+        ranks = {int(tensors[f"{name}.paca_index"].numel()) for name in layers}
+        missing = [name for name in layers if _safe_get(model, name) is None]
+        if missing or len(ranks) != 1:
+            raise LeanftError(f"the adapter in {folder} does not fit this model (missing layers: {missing[:3]})")
+        apply_paca(model, r=ranks.pop(), target_modules=layers)
+        modules = paca_modules(model)
+    if set(modules) != set(layers):
+        raise LeanftError(f"the adapter in {folder} names other layers than the model's PaCA layers")
+    for name in layers:
+        module, index = modules[name], tensors[f"{name}.paca_index"]
+        weight = tensors[f"{name}.paca_weight"]
+        if weight.shape != module.paca_weight.shape or index.shape != module.paca_index.shape:
+            raise LeanftError(f"the adapter in {folder} does not fit layer {name} (shape {tuple(weight.shape)})")
+        module.set_index(index)
+        with torch.no_grad():
+            module.paca_weight.copy_(weight)
+            if f"{name}.bias" in tensors:
+                module.bias.copy_(tensors[f"{name}.bias"])
+                module.bias.requires_grad_(True)
+    return model
+
+
+def _safe_get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -1,0 +1,158 @@
+"""The method registry: one ``MethodSpec`` per fine-tuning method, used by train, eval, merge, bench and compare.
+
+A spec says how the method makes a loaded model trainable (``attach``), writes and reads what it trained
+(``save`` / ``load``), gives back a plain transformers model (``merge``), its default learning rate, its labels,
+and the name of its form on a 4-bit base. Adding a method is one entry in ``METHODS`` plus the module that
+implements it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from leanft.core.dropbp import DropBP, apply_dropbp
+from leanft.core.errors import LeanftError
+from leanft.core.paca import apply_paca, load_paca, merge_paca, save_paca
+from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What attaching a method needs; ``TrainConfig.method_settings()`` gives a run's."""
+
+    r: int = 8
+    target_modules: str = "all-linear"
+    seed: int = 0
+    lora_alpha: int = 16  # these defaults are also ``TrainConfig``'s
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One fine-tuning method, everything leanft needs to run, save, load, merge and label it."""
+
+    name: str
+    label: str  # in tables: "peft LoRA"
+    short_label: str  # in compound labels: "LoRA + DropBP 0.5"
+    default_lr: float
+    quantized: str | None  # its name on a bitsandbytes 4-bit base (qlora), None where it has no such form
+    attach: Callable[[PreTrainedModel, MethodSettings], nn.Module]
+    save: Callable[[nn.Module, Path], Path]
+    load: Callable[[PreTrainedModel, Path], nn.Module]
+    merge: Callable[[nn.Module], PreTrainedModel]
+    own_checkpoints: bool = False  # True: Trainer checkpoints hold what ``save`` writes, not the whole model
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """'all-linear' stays; 'q_proj,v_proj' becomes a list of suffixes; anything else is a regex."""
+    if text == "all-linear":
+        return text
+    if re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", text):
+        return [part.strip() for part in text.split(",")]
+    return text
+
+
+def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
+    targets = parse_target_modules(settings.target_modules)
+    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed)
+
+
+def _attach_lora(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        target_modules=parse_target_modules(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise LeanftError(f"peft could not apply LoRA with target_modules={settings.target_modules!r}: {exc}") from exc
+
+
+def _attach_full(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
+    return model.requires_grad_(True)
+
+
+def _save_pretrained(model: nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def _load_lora(base: PreTrainedModel, folder: Path) -> nn.Module:
+    return peft.PeftModel.from_pretrained(base, str(folder))
+
+
+def _load_full(base: PreTrainedModel, folder: Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=base.dtype).to(base.device)
+
+
+def _merge_paca(model: nn.Module) -> PreTrainedModel:
+    """PaCA's columns written into the weights; a 4-bit base comes back in full precision, never re-quantized."""
+    model = merge_paca(model)
+    return dequantize_model(model) if is_quantized(model) or getattr(model, "hf_quantizer", None) else model
+
+
+def _merge_lora(model: nn.Module) -> PreTrainedModel:
+    return merge_qlora(model) if is_quantized(model) else model.merge_and_unload()
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("paca", "PaCA", "PaCA", 3e-3, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
+                   own_checkpoints=True),
+        MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
+                   _merge_lora),
+        MethodSpec("full", "full FT", "full FT", 2e-5, None, _attach_full, _save_pretrained, _load_full,
+                   lambda model: model),
+    )
+}
+QUANTIZED_FORMS = {spec.quantized: spec.name for spec in METHODS.values() if spec.quantized}  # qpaca -> paca
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``; one clear error naming the choices otherwise."""
+    if name not in METHODS:
+        raise LeanftError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def quantized_forms() -> str:
+    """The methods that train on a 4-bit base, for error messages: 'method=paca (qpaca) or method=lora (qlora)'."""
+    return " or ".join(f"method={spec.name} ({spec.quantized})" for spec in METHODS.values() if spec.quantized)
+
+
+def attach_method(model: PreTrainedModel, method: str, settings: MethodSettings) -> nn.Module:
+    """Make ``model`` trainable by ``method``; returns the model to train.
+
+    On a 4-bit model (``quantize=4bit``) 'paca' is QPaCA and 'lora' is QLoRA, both after peft's
+    ``prepare_model_for_kbit_training``; a method without a 4-bit form is refused.
+    """
+    spec = method_spec(method)
+    if is_quantized(model):
+        if spec.quantized is None:
+            raise LeanftError(f"a 4-bit base cannot be trained with method={method}: use {quantized_forms()}")
+        model = prepare_quantized(model)
+    return spec.attach(model, settings)
+
+
+def attach_dropbp(model: nn.Module, rate: float, seed: int, sampler: str = "bernoulli") -> DropBP | None:
+    """DropBP on ``model`` at ``rate`` with ``sampler`` (None when the rate is 0)."""
+    return apply_dropbp(model, drop_rate=rate, seed=seed, sampler=sampler) if rate > 0 else None
+
+
+def load_trained(base: PreTrainedModel, method: str, folder: str | Path) -> nn.Module:
+    """``base`` with the trained weights from ``folder`` (written by the method's ``save``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LeanftError(f"{folder} does not exist: point at a finished run folder")
+    return method_spec(method).load(base, folder)

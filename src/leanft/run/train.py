@@ -1,0 +1,205 @@
+"""``train(config)``: model -> method (+ DropBP) -> ``transformers.Trainer`` -> run folder with a report.
+
+Every file leanft writes itself is written atomically; a checkpoint counts only once its completion marker exists,
+so a crash mid-save never leaves a checkpoint that ``resume=true`` would pick up half-written (see
+``leanft.run.rundir`` for the folder's layout).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+
+from leanft.core.callback import DropBPCallback
+from leanft.core.distributed import (
+    init_distributed,
+    is_main_process,
+    run_on_main,
+    shard_for_trainer,
+    shared_atomic_dir,
+    world_size,
+)
+from leanft.core.dropbp import DropBP
+from leanft.core.fileio import atomic_dir, write_json
+from leanft.run.callbacks import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
+from leanft.run.config import TrainConfig
+from leanft.run.data import collate, load_records, tokenize_dataset
+from leanft.run.evaluate import eval_options, evaluate
+from leanft.run.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, method_spec
+from leanft.run.models import load_model_and_tokenizer
+from leanft.run.rundir import BASELINE_FILE, SUMMARY_FILE, last_complete_checkpoint, prepare_run_dir, start_run_dir
+from leanft.run.trainer import LeanftTrainer, training_arguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInputs:
+    """What a run trains and evaluates on, known good before the run folder is touched."""
+
+    run_dir: Path
+    model: object
+    tokenizer: object
+    features: list
+    eval_records: list
+    eval_features: list
+
+
+def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, collator, device) -> DropBPCallback:
+    """The DropBP callback of a run: allocation on the first examples, schedule, automatic rate."""
+    settings = config.dropbp
+
+    def first(count: int) -> dict:
+        return {key: value.to(device) for key, value in collator(features[:count]).items()}
+
+    auto = settings.rate == "auto"
+    return DropBPCallback(
+        controller,
+        settings.allocate_at,
+        first(settings.allocation_samples),
+        settings.warmup,
+        settings.cooldown,
+        settings.allocation,
+        auto_threshold=settings.auto_threshold if auto else None,
+        fidelity_batch=first(config.batch_size) if auto else None,
+        patterns_per_step=settings.patterns_per_step,
+    )
+
+
+def load_inputs(config: TrainConfig) -> RunInputs:
+    """Check the run folder, load data, model and tokenizer, tokenize; then (rank 0) start the run folder."""
+    config.validate()
+    init_distributed(config.ddp_timeout)
+    run_dir = run_on_main(lambda: prepare_run_dir(config))  # rank 0 checks, every rank gets the folder
+    transformers.set_seed(config.seed)
+    train_records, eval_records = load_records(config)
+    model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    features = tokenize_dataset(train_records, tokenizer, config.max_seq_len, config.packing)
+    eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
+    if is_main_process():  # only now that every input is known good
+        start_run_dir(run_dir, config)
+    return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features)
+
+
+def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None) -> dict:
+    """Held-out metrics of the untrained model, computed once per run folder (or ``known`` already); rank 0 only."""
+    if not is_main_process():
+        return {}
+    path = inputs.run_dir / BASELINE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    records, features = inputs.eval_records, inputs.eval_features
+    baseline = known if known is not None else evaluate(
+        inputs.model, inputs.tokenizer, records, features, **eval_options(config)
+    )
+    write_json(path, baseline)
+    return baseline
+
+
+def build_trainer(
+    inputs: RunInputs, config: TrainConfig, extra_callbacks: list
+) -> tuple[LeanftTrainer, DropBP | None, dict]:
+    """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
+    model = attach_method(inputs.model, config.method, config.method_settings())
+    controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.fsdp:
+        shard_for_trainer(model)
+    collator = functools.partial(collate, pad_token_id=inputs.tokenizer.pad_token_id)
+    named = {"log": RunLogCallback(inputs.run_dir), "interrupt": InterruptCallback()}
+    if config.eval_steps:
+        pad = inputs.tokenizer.pad_token_id
+        named["curve"] = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
+    if controller is not None:
+        device = next(model.parameters()).device
+        named["dropbp"] = dropbp_callback(config, controller, inputs.features, collator, device)
+        if world_size() > 1 and not config.fsdp:
+            logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
+    trainer = LeanftTrainer(
+        model=model,
+        args=training_arguments(config, inputs.run_dir, controller is not None),
+        train_dataset=inputs.features,
+        data_collator=collator,
+        callbacks=[*named.values(), *extra_callbacks],
+        chunked_loss=config.chunked_loss and not config.fsdp,
+        method=config.method,
+    )
+    return trainer, controller, named
+
+
+def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):
+    """Write the trained adapter or model; the model to evaluate on rank 0 (None on other ranks)."""
+    if config.fsdp:  # every rank joins the gathers of the shards, rank 0 writes and evaluates an unsharded copy
+        with shared_atomic_dir(run_dir / ADAPTER_DIR) as folder:
+            trainer.save_model(str(folder))
+        if not trainer.args.should_save:
+            return None
+        return load_trained(load_model_and_tokenizer(config.model)[0], config.method, run_dir / ADAPTER_DIR)
+    if not trainer.args.should_save:
+        return None
+    with atomic_dir(run_dir / ADAPTER_DIR) as folder:
+        method_spec(config.method).save(trainer.model, folder)
+    return trainer.model
+
+
+def summarise(
+    config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict, int], wall: float
+) -> dict:
+    """The run's ``summary.json``; ``results`` are (held-out metrics before, after, number of held-out examples)."""
+    before, after, num_eval = results
+    curve, dropbp = named.get("curve"), named.get("dropbp")
+    return {
+        "method": config.method,
+        "lr": config.learning_rate(),
+        "dropbp_rate": controller.drop_rate if controller is not None else 0.0,
+        "dropbp_auto": dropbp.auto_choice if dropbp is not None else None,
+        "dropbp_rates": controller.rates if controller is not None else None,
+        "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
+        "dropbp_skipped_share": controller.realised_drop_fraction() if controller is not None else 0.0,
+        "steps": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(named["log"].tokens_per_second(trainer.state), 1),
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "heldout_loss_before": before["loss"],
+        "heldout_loss_after": after["loss"],
+        "num_eval": num_eval,
+        "heldout_curve": curve.points if curve is not None else [],
+    }
+
+
+def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | None = None) -> dict:
+    """Fine-tune as ``config`` says; returns the summary also written to ``summary.json`` (empty on other ranks).
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer; ``baseline`` is the
+    untrained model's ``{"loss", "accuracy"}`` on the same held-out data where already known.
+    """
+    inputs = load_inputs(config)
+    before = evaluate_baseline(inputs, config, baseline)
+    trainer, controller, named = build_trainer(inputs, config, callbacks or [])
+    started = time.perf_counter()
+    resume_from = last_complete_checkpoint(inputs.run_dir) if config.resume else None
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if named["interrupt"].interrupted:
+        step = trainer.state.global_step
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {inputs.run_dir}")
+    model = save_final(trainer, config, inputs.run_dir)
+    if model is None:
+        return {}
+    curve = named.get("curve")
+    final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
+    after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features, loss=final_loss,
+                     **eval_options(config))
+    summary = summarise(config, trainer, controller, named, (before, after, len(inputs.eval_records)), wall)
+    title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
+    plot_loss_curve(inputs.run_dir, title=title)
+    write_json(inputs.run_dir / SUMMARY_FILE, summary)
+    return summary

@@ -1,0 +1,104 @@
+"""The ``transformers.Trainer`` of a leanft run and its ``TrainingArguments``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from leanft.core.chunked_loss import chunked_loss_for
+from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
+from leanft.core.fileio import atomic_path
+from leanft.core.quant import trainer_accepts
+from leanft.run.config import TrainConfig
+from leanft.run.methods import method_spec
+from leanft.run.rundir import COMPLETE_MARKER
+
+
+class LeanftTrainer(Trainer):
+    """``Trainer`` that checkpoints through the method's own save (PaCA: only its columns) and marks checkpoints
+    complete.
+
+    ``chunked_loss=True`` computes the training loss with ``leanft.core.chunked_loss`` (same value and gradients, never
+    the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
+    gradient-accumulation and multi-process token counting apply unchanged.
+    """
+
+    def __init__(self, *args, chunked_loss: bool = False, method: str | None = None, **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        spec = method_spec(method) if method is not None else None
+        self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
+        self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
+        if self.chunked is not None and kwargs.get("compute_loss_func") is None:
+            kwargs["compute_loss_func"] = self.chunked
+        with trainer_accepts(model):  # a 4-bit base with QPaCA layers
+            super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``Trainer.compute_loss``, with the head returning hidden states for the chunked loss while training."""
+        if self.chunked is None or return_outputs or self.compute_loss_func is not self.chunked:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.chunked.capturing(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.own_checkpoints is not None:  # every rank: FSDP2 gathers; rank 0 writes
+            self.own_checkpoints.save(self.model, Path(output_dir or self.args.output_dir))
+            return
+        if state_dict is None and is_fsdp2(self.model):
+            state_dict = full_state_dict(self.model)  # every rank joins the gathers; rank 0 gets the tensors
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.own_checkpoints is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.own_checkpoints.load(model if model is not None else self.model, Path(resume_from_checkpoint))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            with atomic_path(folder / COMPLETE_MARKER) as temporary:
+                temporary.write_text("complete\n")
+
+
+def use_bf16(config: TrainConfig) -> bool:
+    """bf16 mixed precision: on when asked, or with 'auto' where a GPU supports it."""
+    if config.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return config.bf16 == "true"
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
+    """The ``TrainingArguments`` for a run (checkpoints in the run folder, no external reporting).
+
+    With DropBP on, ``dropbp.patterns_per_step`` micro-batches make up each device's batch (each forward draws
+    its own pattern); the examples of a step and the effective batch stay the same.
+    """
+    micro = config.dropbp.patterns_per_step if dropbp_on else 1
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size // micro,
+        gradient_accumulation_steps=config.grad_accum * micro,
+        learning_rate=config.learning_rate(),
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=round(config.warmup_ratio * config.max_steps),
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=use_bf16(config),
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=True if dropbp_on else None,
+        ddp_timeout=config.ddp_timeout,
+        use_cpu=not torch.cuda.is_available() and world_size() > 1,  # else accelerate runs no DDP on CPU
+        save_only_model=config.fsdp,  # transformers checkpoints no optimizer state of a model sharded by us
+    )
