@@ -141,3 +141,45 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(model_dir, data_f
     assert main(["merge", str(run_dir), str(run_dir)]) == 2
     assert "--overwrite" in one_line_error(capsys)
     assert main(run_args(model_dir, data_file, run_dir, "max_steps=2", "overwrite=true")) == 0
+
+
+BAD_STUDY_OPTIONS = [
+    (["bench", "max_len_methods=bogus"], "max_len_methods"),
+    (["bench", "mem_budget=2XB"], "mem_budget"),
+    (["bench", "bases=bogus"], "bases must name"),
+    (["bench", "rates=2"], "rates must be"),
+    (["bench", "rounds=-1"], "rounds must be"),
+    (["bench", "batch=0"], "batch must be"),
+    (["bench", "dtype=int8"], "dtype must be"),
+    (["bench", "device=tpu"], "device must be"),
+    (["bench", "quick=maybe"], "quick="),
+    (["bench", "colour=blue"], "unknown key 'colour': see `leanft bench --help`"),
+    (["bench", "--quick"], "takes key=value options, e.g. quick=..."),
+    (["compare", "variants=bogus"], "unknown variant"),
+    (["compare", "variants=lora,lora"], "twice"),
+    (["compare", "eval_every=0"], "eval_every must be"),
+    (["compare", "eval_every=often"], "eval_every="),
+    (["compare", "variants=lora:lr=x"], "lr="),
+    (["compare", "variants=lora:warmup=0.2"], "without DropBP"),
+    (["compare", "colour=blue"], "unknown key 'colour': see `leanft train --help`"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_STUDY_OPTIONS)
+def test_bad_bench_and_compare_options_are_refused_before_any_work(args, message, monkeypatch, tmp_path, capsys):
+    import time
+
+    from leanft.run import models
+    from leanft.studies import bench
+
+    def never(*_, **__):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", never)
+    monkeypatch.setattr(bench, "Worker", never)
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - started < 2.0
+    assert message in one_line_error(capsys)
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -10,8 +10,8 @@ from leanft.core.callback import DropBPCallback
 from leanft.core.chunked_loss import chunked_causal_lm_loss, linear_cross_entropy
 from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
+from leanft.core.fidelity import gradient_fidelity
 from leanft.core.paca import (
-    PacaLinear,
     apply_paca,
     load_paca,
     merge_paca,
@@ -20,6 +20,7 @@ from leanft.core.paca import (
     remove_paca,
     save_paca,
 )
+from leanft.core.paca_layer import PacaLinear
 from leanft.core.quant import QPacaLinear
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "apply_dropbp",
     "apply_paca",
     "chunked_causal_lm_loss",
+    "gradient_fidelity",
     "linear_cross_entropy",
     "load_paca",
     "merge_paca",

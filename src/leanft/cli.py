@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     try:
+        if unknown:
+            key = unknown[0].lstrip("-").replace("-", "_")
+            raise LeanftError(f"unknown option {unknown[0]}: this command takes key=value options, e.g. {key}=...")
         return args.func(args)
     except LeanftError as error:
         print(f"leanft: error: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanft.core.compat import uncompiled
 from leanft.core.errors import LeanftError
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        elif uncompiled(model) is not model:
+            model = uncompiled(model)
         else:
             return model
 

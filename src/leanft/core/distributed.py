@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from leanft.core.compat import checkpointing_functions, mark_distributed_loading, set_checkpointing_function
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_dir
 
@@ -179,13 +180,6 @@ def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
     return total
 
 
-def _checkpointed_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """Modules with Hugging Face gradient checkpointing switched on."""
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) and getattr(module, "_gradient_checkpointing_func", None):
-            yield module
-
-
 def use_non_reentrant_checkpointing(model: nn.Module) -> bool:
     """Switch Hugging Face gradient checkpointing on ``model`` to its non-reentrant form; True if it was reentrant.
 
@@ -193,12 +187,11 @@ def use_non_reentrant_checkpointing(model: nn.Module) -> bool:
     ("mark a variable ready only once"); the non-reentrant form gives the same gradients.
     """
     switched = False
-    for module in _checkpointed_modules(model):
-        function = module._gradient_checkpointing_func
+    for module, function in checkpointing_functions(model):
         keywords = dict(getattr(function, "keywords", None) or {})
         if keywords.get("use_reentrant", True):  # torch's checkpoint defaults to reentrant when not told
             base = function.func if isinstance(function, functools.partial) else function
-            module._gradient_checkpointing_func = functools.partial(base, **{**keywords, "use_reentrant": False})
+            set_checkpointing_function(module, functools.partial(base, **{**keywords, "use_reentrant": False}))
             switched = True
     return switched
 
@@ -284,7 +277,7 @@ def prepare_distributed_dropbp(controller: DropBP, args: TrainingArguments, mode
     if not is_fsdp2(model):
         if args.ddp_static_graph:
             raise LeanftError("DropBP changes the graph every step: ddp_static_graph=True gives wrong gradients")
-        checkpointing = bool(args.gradient_checkpointing) or any(True for _ in _checkpointed_modules(model))
+        checkpointing = bool(args.gradient_checkpointing) or any(True for _ in checkpointing_functions(model))
         find_unused = args.ddp_find_unused_parameters
         if find_unused is False or (find_unused is None and checkpointing):
             raise LeanftError(
@@ -332,7 +325,7 @@ def shard_for_trainer(model: nn.Module, blocks: str | None = None) -> nn.Module:
 
     shard_fsdp2(model, blocks)
     pretrained = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model
-    pretrained._is_distributed_loading_by_transformers = True  # what the Trainer reads through the property
+    mark_distributed_loading(pretrained)
     pretrained.config.distributed_config = DistributedConfig(fsdp_size=dist.get_world_size())  # one FSDP mesh
     return model
 

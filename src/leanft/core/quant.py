@@ -15,13 +15,13 @@ import functools
 import gc
 import importlib.util
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanft.core.compat import unpack_4bit_for_cpu
 from leanft.core.errors import LeanftError
 from leanft.core.paca_layer import PacaDispatch, PacaLinear, PacaMatmul
 
@@ -94,9 +94,8 @@ def settle_4bit_model(model: nn.Module) -> nn.Module:
             if not hasattr(param, "quant_state"):
                 param.data = param.data.clone()
         for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.clone()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.clone())  # an existing buffer's name: replaces the buffer
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -120,9 +119,7 @@ def _unpack_for_cpu(module: nn.Module) -> None:
     """Undo bitsandbytes' CPU inference packing (done by eval-mode forwards on some CPUs) so dequantizing works."""
     state = getattr(module.weight, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        data, state = unpack_4bit_for_cpu(module.weight.data, state)
         module.weight.data, module.weight.quant_state, module.quant_state = data, state, state
 
 
@@ -234,25 +231,3 @@ def merge_qlora(model: nn.Module) -> nn.Module:
     fresh = peft.get_peft_model(base, config)
     peft.set_peft_model_state_dict(fresh, state)
     return fresh.merge_and_unload()
-
-
-@contextlib.contextmanager
-def trainer_accepts(model: nn.Module) -> Iterator[None]:
-    """Inside the block, ``transformers.Trainer`` accepts a 4-bit model with QPaCA layers.
-
-    Trainer refuses to train a quantized model unless it carries a peft adapter (its check reads the
-    ``_hf_peft_config_loaded`` flag); QPaCA layers are such an adapter, so the flag is set while the Trainer is
-    built and restored afterwards.
-    """
-    has_paca = any(isinstance(module, PacaLinear) for module in model.modules())
-    marked = getattr(model, "hf_quantizer", None) is not None and has_paca
-    previous = model.__dict__.get("_hf_peft_config_loaded")
-    if marked:
-        model._hf_peft_config_loaded = True
-    try:
-        yield
-    finally:
-        if marked and previous is None:
-            del model._hf_peft_config_loaded
-        elif marked:
-            model._hf_peft_config_loaded = previous

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from leanft.core.errors import LeanftError
 from leanft.core.quant import quantization_config, settle_4bit_model
@@ -66,12 +66,7 @@ def convert_gguf(gguf_path: str | Path, target: str | Path | None = None) -> Pat
     tmp.chmod(0o755)
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
-        try:  # transformers >= 5.2x: GGUF weights stay packed unless asked to dequantize
-            from transformers import GgufConfig
-
-            extra = {"quantization_config": GgufConfig(dequantize=True)}
-        except ImportError:  # older releases always dequantize GGUF files
-            extra = {}
+        extra = {"quantization_config": GgufConfig(dequantize=True)}  # else GGUF weights stay packed
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **extra)
         if getattr(model, "hf_quantizer", None) is not None:  # plain weights now: save them as such
             model.hf_quantizer.remove_quantization_config(model)

@@ -8,15 +8,16 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from leanft.core.chunked_loss import chunked_loss_for
+from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
 from leanft.core.fileio import atomic_path
-from leanft.core.quant import trainer_accepts
+from leanft.core.paca import paca_modules
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
 from leanft.run.rundir import COMPLETE_MARKER
 
 
-class LeanftTrainer(Trainer):
+class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     """``Trainer`` that checkpoints through the method's own save (PaCA: only its columns) and marks checkpoints
     complete.
 
@@ -32,7 +33,7 @@ class LeanftTrainer(Trainer):
         self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
         if self.chunked is not None and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.chunked
-        with trainer_accepts(model):  # a 4-bit base with QPaCA layers
+        with accepted_as_adapter(model, has_adapter=bool(paca_modules(model))):  # a 4-bit base with QPaCA layers
             super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -42,25 +43,26 @@ class LeanftTrainer(Trainer):
         with self.chunked.capturing(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.own_checkpoints is not None:  # every rank: FSDP2 gathers; rank 0 writes
-            self.own_checkpoints.save(self.model, Path(output_dir or self.args.output_dir))
+    def save_weights(self, output_dir: str, state_dict: dict | None, trainer_save) -> None:
+        """The method's own save where it has one (every rank: FSDP2 gathers; rank 0 writes), else the Trainer's."""
+        if self.own_checkpoints is not None:
+            self.own_checkpoints.save(self.model, Path(output_dir))
             return
         if state_dict is None and is_fsdp2(self.model):
             state_dict = full_state_dict(self.model)  # every rank joins the gathers; rank 0 gets the tensors
-        super()._save(output_dir, state_dict)
+        trainer_save(output_dir, state_dict)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def load_weights(self, checkpoint: str, model, trainer_load) -> None:
+        """The method's own load where it has one, else the Trainer's."""
         if self.own_checkpoints is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.own_checkpoints.load(model if model is not None else self.model, Path(resume_from_checkpoint))
+            trainer_load(checkpoint, model)
+            return
+        self.own_checkpoints.load(model if model is not None else self.model, Path(checkpoint))
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            with atomic_path(folder / COMPLETE_MARKER) as temporary:
-                temporary.write_text("complete\n")
+    def checkpoint_saved(self, folder: Path) -> None:
+        """Mark the checkpoint complete: only then does ``resume=true`` pick it."""
+        with atomic_path(folder / COMPLETE_MARKER) as temporary:
+            temporary.write_text("complete\n")
 
 
 def use_bf16(config: TrainConfig) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leanft.studies.bench_report import MIB, SHORT_LABELS, interpolated_time
+from leanft.studies.bench_report import BASELINE, MIB, SHORT_LABELS, interpolated_time
 
 COLORS = {"lora": "#7f7f7f", "full": "#d62728", "paca": "#1f77b4"}
 
@@ -32,7 +32,7 @@ def plot_time_memory(rows: Sequence[dict], path: Path, title: str) -> Path:
     for axis, (name, values, key) in zip(axes, panels, strict=True):
         values = [0.0 if value is None else value for value in values][::-1]
         axis.barh(labels, values, color=colors)
-        baseline = next((row[key] for row in rows if row["key"] == "lora" and row[key] is not None), None)
+        baseline = next((row[key] for row in rows if row["key"] == BASELINE and row[key] is not None), None)
         if baseline is not None:
             axis.axvline(baseline / (MIB if key == "peak" else 1), color="black", linestyle=":", linewidth=1)
         axis.set_xlabel(name)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 from leanft.core.errors import LeanftError
@@ -21,6 +19,7 @@ from leanft.core.fileio import atomic_path, write_json
 from leanft.run.config import TrainConfig, apply_overrides, load_config
 from leanft.run.methods import METHODS
 from leanft.run.options import apply_items, doc, split_items
+from leanft.run.rundir import BASELINE_FILE, default_output_dir, fresh_output_dir
 from leanft.studies.compare_report import plot_curves, render_table, time_to_quality
 
 logger = logging.getLogger(__name__)
@@ -123,14 +122,9 @@ def check_study(base: TrainConfig, names: Sequence[str]) -> None:
 def prepare_study_dir(base: TrainConfig) -> Path:
     """The study folder: new, or emptied with ``overwrite=true``; never a finished study overwritten silently."""
     if base.output_dir is None:
-        return Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        return default_output_dir("compare")
     folder = Path(base.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise LeanftError(f"output_dir {folder} is a file: pass a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not base.overwrite:
-            raise LeanftError(f"{folder} is not empty: pass overwrite=true or choose another output_dir")
-        shutil.rmtree(folder)
+    fresh_output_dir(folder, base.overwrite, "is not empty")
     return folder
 
 
@@ -174,8 +168,6 @@ def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict
 
 def run_compare(items: Sequence[str]) -> dict:
     """Run ``leanft compare`` on its command-line arguments; returns what ``compare.json`` holds."""
-    from leanft.run.rundir import BASELINE_FILE
-
     options, path, overrides = parse_compare_args(items)
     base = load_config(path, overrides)
     names = options.variants.split(",")

@@ -1,0 +1,96 @@
+"""Every use of a private API of transformers, its Trainer, bitsandbytes or torch, in one place.
+
+Each is pinned by a test (``tests/test_compat.py``) that fails when an installed version changes it, so an upgrade
+that breaks one shows up there, not as a wrong result somewhere else. pyproject's lower bounds are the versions the
+tests ran with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from torch import nn
+
+
+class TrainerCheckpointHooks:
+    """Mixin before ``transformers.Trainer``: its private checkpoint methods, turned into three public hooks.
+
+    ``Trainer._save``, ``_load_from_checkpoint``, ``_save_checkpoint`` and ``_get_output_dir`` are private; a
+    subclass overrides ``save_weights``, ``load_weights`` and ``checkpoint_saved`` instead.
+    """
+
+    def save_weights(self, output_dir: str, state_dict: dict | None, trainer_save: Callable) -> None:
+        """Write the weights into ``output_dir``; ``trainer_save(output_dir, state_dict)`` is the Trainer's way."""
+        trainer_save(output_dir, state_dict)
+
+    def load_weights(self, checkpoint: str, model: nn.Module | None, trainer_load: Callable) -> None:
+        """Load a checkpoint's weights; ``trainer_load(checkpoint, model)`` is the Trainer's way."""
+        trainer_load(checkpoint, model)
+
+    def checkpoint_saved(self, folder: Path) -> None:
+        """Called on the saving process once everything of checkpoint ``folder`` is written."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self.save_weights(output_dir or self.args.output_dir, state_dict, super()._save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.load_weights(resume_from_checkpoint, model, super()._load_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.checkpoint_saved(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+
+
+@contextlib.contextmanager
+def accepted_as_adapter(model: nn.Module, has_adapter: bool) -> Iterator[None]:
+    """Inside the block, ``transformers.Trainer`` accepts the quantized ``model`` when ``has_adapter`` (QPaCA).
+
+    Trainer refuses to train a quantized model unless it carries a peft adapter (its check reads the
+    ``_hf_peft_config_loaded`` flag); QPaCA layers are such an adapter, so the flag is set while the Trainer is
+    built and restored afterwards.
+    """
+    marked = getattr(model, "hf_quantizer", None) is not None and has_adapter
+    previous = model.__dict__.get("_hf_peft_config_loaded")
+    if marked:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if marked and previous is None:
+            del model._hf_peft_config_loaded
+        elif marked:
+            model._hf_peft_config_loaded = previous
+
+
+def mark_distributed_loading(pretrained: nn.Module) -> None:
+    """Mark a transformers model as placed and sharded by its owner (what ``from_pretrained(distributed_config=)``
+    sets), so that the Trainer neither wraps it in DDP nor shards it again."""
+    pretrained._is_distributed_loading_by_transformers = True
+
+
+def checkpointing_functions(model: nn.Module) -> Iterator[tuple[nn.Module, Callable]]:
+    """(module, its checkpoint function) for each module with transformers' gradient checkpointing on."""
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and function is not None:
+            yield module, function
+
+
+def set_checkpointing_function(module: nn.Module, function: Callable) -> None:
+    """Make ``module`` checkpoint with ``function`` (e.g. a ``functools.partial`` of torch's checkpoint)."""
+    module._gradient_checkpointing_func = function
+
+
+def unpack_4bit_for_cpu(weight, state) -> tuple:
+    """(packed data, quant state) of a bitsandbytes 4-bit weight before its CPU inference repacking."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    return _convert_weight_packed_for_cpu_inverse(weight, state)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (itself when not compiled)."""
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,92 @@
+"""The private APIs ``leanft.core.compat`` relies on, as the installed versions have them.
+
+Each test fails when an upgrade of transformers, bitsandbytes or torch changes one of them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+from transformers import Trainer
+
+from leanft.core import compat
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_trainer_checkpoint_methods_keep_their_signatures():
+    assert parameters(Trainer._save) == ["self", "output_dir", "state_dict"]
+    assert parameters(Trainer._load_from_checkpoint) == ["self", "resume_from_checkpoint", "model"]
+    assert parameters(Trainer._save_checkpoint) == ["self", "model", "trial"]
+    assert parameters(Trainer._get_output_dir) == ["self", "trial"]
+    source = inspect.getsource(Trainer)
+    assert "self._save_checkpoint(" in source and "self._load_from_checkpoint(" in source
+    assert "self._save(" in inspect.getsource(Trainer.save_model)
+
+
+def test_trainer_checks_the_adapter_flag_of_a_quantized_model():
+    source = inspect.getsource(transformers.trainer)
+    assert "_hf_peft_config_loaded" in source or "_hf_peft_config_loaded" in inspect.getsource(
+        transformers.integrations.peft
+    )
+
+
+def test_adapter_flag_is_set_inside_the_block_only():
+    model = tiny_model()
+    model.hf_quantizer = object()  # looks quantized
+    with compat.accepted_as_adapter(model, has_adapter=True):
+        assert model._hf_peft_config_loaded is True
+    assert "_hf_peft_config_loaded" not in model.__dict__
+    with compat.accepted_as_adapter(model, has_adapter=False):
+        assert "_hf_peft_config_loaded" not in model.__dict__
+
+
+def test_transformers_reads_the_distributed_loading_flag():
+    model = tiny_model()
+    assert model.is_distributed_loading_by_transformers is False  # the public property the Trainer reads
+    compat.mark_distributed_loading(model)
+    assert model.is_distributed_loading_by_transformers is True
+
+
+def test_gradient_checkpointing_keeps_its_function_attribute():
+    model = tiny_model()
+    assert not list(compat.checkpointing_functions(model))
+    model.gradient_checkpointing_enable()
+    found = list(compat.checkpointing_functions(model))
+    assert found and all(module.gradient_checkpointing for module, _ in found)
+    module, function = found[0]
+    compat.set_checkpointing_function(module, function)
+    assert module._gradient_checkpointing_func is function
+
+
+def test_bitsandbytes_cpu_unpacking_exists():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    assert parameters(functional._convert_weight_packed_for_cpu_inverse)[:2] == ["packed_weight", "quant_state"]
+    assert compat.unpack_4bit_for_cpu.__module__ == "leanft.core.compat"
+
+
+def test_compiled_modules_keep_the_original():
+    linear = torch.nn.Linear(2, 2)
+    assert compat.uncompiled(torch.compile(linear)) is linear
+    assert compat.uncompiled(linear) is linear
+
+
+def test_pyproject_lower_bounds_are_the_tested_versions():
+    """Each pinned dependency's lower bound is the installed (tested) version's major.minor."""
+    text = PYPROJECT.read_text()
+    for package in ("torch", "transformers", "peft", "accelerate", "safetensors"):
+        bound = re.search(rf'"{package}>=([0-9.]+)"', text)
+        assert bound, package
+        installed = importlib.metadata.version(package).split("+")[0]
+        assert installed.split(".")[:2] == bound.group(1).split(".")[:2], (package, installed, bound.group(1))
