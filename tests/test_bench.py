@@ -172,3 +172,23 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert rows["lora"]["time_ratio"] == 1.0 and rows["paca+floor"]["dropped"] == 1.0
     assert rows["paca+dropbp0.5"]["max_len"] > 0 and rows["lora"]["max_len"] is None
     assert (tmp_path / "bench_time_memory.png").stat().st_size > 0 and (tmp_path / "bench_throughput.png").exists()
+
+
+def test_the_bench_attaches_each_method_as_train_does():
+    """Same registry and settings: LoRA's alpha, targets and task type are train's, PaCA's columns are train's."""
+    from conftest import tiny_model
+
+    from leanft.run.config import TrainConfig
+    from leanft.run.methods import attach_method
+    from leanft.studies.bench_worker import BASES, apply_method
+
+    assert {"lora", "paca", "full", "qlora", "qpaca"} <= set(BASES)
+    config = TrainConfig(method="lora", r=4, seed=3)
+    bench_lora = apply_method(tiny_model(), "lora", r=4, seed=3).peft_config["default"]
+    train_lora = attach_method(tiny_model(), "lora", config.method_settings()).peft_config["default"]
+    assert bench_lora.to_dict() == train_lora.to_dict() and bench_lora.task_type == "CAUSAL_LM"
+    bench_paca = apply_method(tiny_model(), "paca", r=4, seed=3)
+    train_paca = attach_method(tiny_model(), "paca", TrainConfig(r=4, seed=3).method_settings())
+    for (name, module), (_, reference) in zip(bench_paca.named_modules(), train_paca.named_modules(), strict=True):
+        if hasattr(module, "paca_index"):
+            assert torch.equal(module.paca_index, reference.paca_index), name

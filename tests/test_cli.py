@@ -104,6 +104,11 @@ def test_eval_and_generate_on_a_run(model_dir, data_file, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["loss"] > 0 and report["perplexity"] > 1 and 0.0 <= report["accuracy"] <= 1.0
     assert main(["generate", str(run_dir), "Add one to 3.", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "num_eval=1"]) == 0  # evaluation keys apply to the saved config
+    assert json.loads(capsys.readouterr().out)["num_eval"] == 1
+    assert main(["eval", str(run_dir), "method=lora"]) == 2  # keys that fix the trained model do not
+    assert "method of a trained run cannot change" in one_line_error(capsys)
 
 
 def one_line_error(capsys) -> str:

@@ -55,7 +55,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     _, records = load_records(config)
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
-    print(json.dumps(evaluate(model, tokenizer, records, features, **eval_options(config)), indent=2))
+    report = evaluate(model, tokenizer, records, features, **eval_options(config))
+    print(json.dumps({**report, "num_eval": len(records)}, indent=2))
     return 0
 
 

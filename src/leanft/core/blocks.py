@@ -68,7 +68,8 @@ def _attention_flops_per_token_sq(config) -> float:
     return 4.0 * heads * head_dim
 
 
-def _find_block_list(model: nn.Module, blocks: str | None) -> tuple[str, nn.ModuleList]:
+def find_block_list(model: nn.Module, blocks: str | None) -> tuple[str, nn.ModuleList]:
+    """(dotted name, the ModuleList) of the model's decoder blocks: at ``blocks`` when given, else found."""
     if blocks is not None:
         try:
             found = model.get_submodule(blocks)
@@ -105,7 +106,7 @@ def find_branches(
 
     ``blocks``, ``attn`` and ``mlp`` override the automatic search for architectures it does not know.
     """
-    list_name, block_list = _find_block_list(model, blocks)
+    list_name, block_list = find_block_list(model, blocks)
     attn_sq = _attention_flops_per_token_sq(getattr(model, "config", None))
     branches = []
     for layer, block in enumerate(block_list):

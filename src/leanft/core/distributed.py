@@ -299,13 +299,13 @@ def shard_fsdp2(model: nn.Module, blocks: str | None = None, reshard_after_forwa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from leanft.core.blocks import _find_block_list
+    from leanft.core.blocks import find_block_list
 
     if not is_distributed():
         raise LeanftError("FSDP2 needs a distributed launch: start with torchrun or accelerate launch")
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for block in _find_block_list(model, blocks)[1]:
+    for block in find_block_list(model, blocks)[1]:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
