@@ -27,11 +27,11 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``leanft train``."""
-    from leanft.run.config import load_config
+    from leanft.run.rundir import resume_config
     from leanft.run.train import train
 
     path, overrides = _split_config_args(args.items)
-    summary = train(load_config(path, overrides))
+    summary = train(resume_config(path, overrides))
     if summary:
         print(json.dumps(summary, indent=2))
     return 0
@@ -66,7 +66,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from leanft.run.methods import method_spec
     from leanft.run.rundir import load_run
 
-    out_dir = Path(args.out_dir)
+    out_dir, run_dir = Path(args.out_dir).resolve(), Path(args.run_dir).resolve()
+    if out_dir == run_dir or run_dir in out_dir.parents or out_dir in run_dir.parents:
+        raise LeanftError(f"OUT_DIR {args.out_dir} overlaps the run folder {args.run_dir}: choose a folder outside it")
+    if out_dir.is_file():
+        raise LeanftError(f"OUT_DIR {args.out_dir} is a file: pass a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
     model, tokenizer, config = load_run(args.run_dir, device="cpu")
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leanft: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as interrupt:
-        print(f"leanft: {interrupt or 'interrupted'}", file=sys.stderr)
+        print(f"leanft: {str(interrupt) or 'interrupted (nothing was saved)'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         from leanft.core.distributed import leave_distributed

@@ -31,6 +31,7 @@ from leanft.core.blocks import Branch, find_branches
 from leanft.core.errors import LeanftError
 
 MAX_RATE = 0.9
+CONTROLLER_ATTRIBUTE = "leanft_dropbp"  # set on a model while a DropBP controller is attached
 SAMPLERS = ("bernoulli", "topup")
 CHECKSUM_MODULUS = 2**61 - 1
 
@@ -64,6 +65,8 @@ class DropBP:
         sampler: str = "bernoulli",
     ) -> None:
         self.drop_rate = check_rate(drop_rate)
+        if getattr(model, CONTROLLER_ATTRIBUTE, None) is not None:
+            raise LeanftError("the model already has DropBP: call remove() on its controller first, or set_rates()")
         if sampler not in SAMPLERS:
             raise LeanftError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.sampler = sampler
@@ -90,6 +93,7 @@ class DropBP:
             for module in branch.modules:
                 self._wrap(module, index)
         self.set_sequence_length(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
+        setattr(model, CONTROLLER_ATTRIBUTE, self)
 
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module, index: int) -> None:
@@ -116,6 +120,8 @@ class DropBP:
                 module.forward = previous
         self._hooks, self._restore = [], []
         self._active = False
+        if getattr(self.model, CONTROLLER_ATTRIBUTE, None) is self:
+            delattr(self.model, CONTROLLER_ATTRIBUTE)
 
     # -- per-step pattern -------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -202,28 +202,42 @@ def load_paca(model: nn.Module, path: str | Path) -> nn.Module:
         raise LeanftError(f"{folder} holds no {ADAPTER_FILE}; point at a folder written by save_paca")
     tensors = load_file(str(folder / ADAPTER_FILE))
     layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    modules = paca_modules(model)
+    modules, applied = paca_modules(model), False
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     if not modules:
         ranks = {int(tensors[f"{name}.paca_index"].numel()) for name in layers}
         missing = [name for name in layers if _safe_get(model, name) is None]
         if missing or len(ranks) != 1:
             raise LeanftError(f"the adapter in {folder} does not fit this model (missing layers: {missing[:3]})")
         apply_paca(model, r=ranks.pop(), target_modules=layers)
-        modules = paca_modules(model)
-    if set(modules) != set(layers):
-        raise LeanftError(f"the adapter in {folder} names other layers than the model's PaCA layers")
+        modules, applied = paca_modules(model), True
+    problem = _misfit(modules, layers, tensors)
+    if problem is not None:
+        if applied:  # leave the model as it came: its own layers, its own trainable flags
+            remove_paca(model)
+            for name, param in model.named_parameters():
+                param.requires_grad_(trainable.get(name, param.requires_grad))
+        raise LeanftError(f"the adapter in {folder} {problem}")
     for name in layers:
-        module, index = modules[name], tensors[f"{name}.paca_index"]
-        weight = tensors[f"{name}.paca_weight"]
-        if weight.shape != module.paca_weight.shape or index.shape != module.paca_index.shape:
-            raise LeanftError(f"the adapter in {folder} does not fit layer {name} (shape {tuple(weight.shape)})")
-        module.set_index(index)
+        module = modules[name]
+        module.set_index(tensors[f"{name}.paca_index"])
         with torch.no_grad():
-            module.paca_weight.copy_(weight)
+            module.paca_weight.copy_(tensors[f"{name}.paca_weight"])
             if f"{name}.bias" in tensors:
                 module.bias.copy_(tensors[f"{name}.bias"])
                 module.bias.requires_grad_(True)
     return model
+
+
+def _misfit(modules: dict[str, PacaLinear], layers: list[str], tensors: dict) -> str | None:
+    """Why saved adapter ``tensors`` do not fit the PaCA layers ``modules`` (checked before anything is copied)."""
+    if set(modules) != set(layers):
+        return "names other layers than the model's PaCA layers"
+    for name in layers:
+        module, index, weight = modules[name], tensors[f"{name}.paca_index"], tensors[f"{name}.paca_weight"]
+        if weight.shape != module.paca_weight.shape or index.shape != module.paca_index.shape:
+            return f"does not fit layer {name} (shape {tuple(weight.shape)})"
+    return None
 
 
 def _safe_get(model: nn.Module, name: str) -> nn.Module | None:

@@ -134,6 +134,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def trim_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records after ``step`` from ``metrics.jsonl`` (a run resumed from an older checkpoint redoes them)."""
+    records = read_metrics(run_dir)
+    kept = [record for record in records if record.get("step", 0) <= step]
+    if len(kept) < len(records):
+        with atomic_path(Path(run_dir) / METRICS_FILE) as temporary:
+            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
 def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path:
     """Write ``loss_curve.png``: training loss per step (and held-out loss where logged)."""
     import matplotlib

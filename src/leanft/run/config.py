@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from transformers.trainer_utils import SchedulerType
 
 from leanft.core.allocate import ALLOCATIONS
 from leanft.core.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
@@ -16,6 +18,8 @@ from leanft.core.errors import LeanftError
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
+
+SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 
 
 @dataclass
@@ -141,12 +145,22 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
         method = method_spec(self.method)  # a LeanftError naming the methods for an unknown one
+        if self.lr is not None and not self.lr > 0:
+            raise LeanftError(f"lr must be > 0 (or null for the method's default), got {self.lr}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise LeanftError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0:
+            raise LeanftError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0, got {self.warmup_ratio}, "
+                              f"{self.weight_decay}")
+        if self.resume and self.output_dir is None:
+            raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
         if self.ddp_timeout < 1:
             raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         if self.fsdp and self.resume:
             raise LeanftError("resume=true is not supported with fsdp=true (its checkpoints hold no optimizer state)")
-        for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps"):
+        for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps",
+                     "save_total_limit", "logging_steps", "num_train"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
         builtin_task(self.data)  # a LeanftError naming the built-in tasks for an unknown builtin:NAME
@@ -169,17 +183,22 @@ class TrainConfig:
         return self
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """A validated TrainConfig from an optional YAML file, then ``key=value`` overrides (nested: ``dropbp.rate=0``)."""
-    config = TrainConfig()
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), start: TrainConfig | None = None
+) -> TrainConfig:
+    """A validated TrainConfig from an optional YAML file, then ``key=value`` overrides (nested: ``dropbp.rate=0``).
+
+    Keys neither file nor overrides set keep their defaults, or their values in ``start`` when given.
+    """
+    config = copy.deepcopy(start) if start is not None else TrainConfig()
     if path is not None:
         source = Path(path)
         if not source.is_file():
             raise LeanftError(f"config file {source} does not exist: check the path")
         try:
-            data = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LeanftError(f"{source} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+            data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise LeanftError(f"{source} is not valid UTF-8 YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(data, dict):
             raise LeanftError(f"{source} must hold a mapping of config keys")
         for key, value in data.items():
@@ -200,3 +219,14 @@ def config_help() -> list[str]:
 def config_to_dict(config: TrainConfig) -> dict:
     """The config as plain nested data (for YAML / JSON)."""
     return dataclasses.asdict(config)
+
+
+def flat_items(config: TrainConfig) -> dict[str, object]:
+    """Every key of ``config`` with its value, nested groups flattened with dots (``dropbp.rate``)."""
+    flat = {}
+    for key, value in config_to_dict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
+        else:
+            flat[key] = value
+    return flat

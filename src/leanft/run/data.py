@@ -9,6 +9,8 @@ the EOS token. The module also holds greedy generation and an accuracy helper (b
 from __future__ import annotations
 
 import json
+import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,8 @@ from leanft.run.tasks import Scorer, builtin_task, same_text
 if TYPE_CHECKING:
     from leanft.run.config import TrainConfig
 
+logger = logging.getLogger(__name__)
+
 Record = dict
 Feature = dict[str, list[int]]
 
@@ -35,20 +39,23 @@ def load_jsonl_examples(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise LeanftError(f"data file {path} does not exist: check the path")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise LeanftError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LeanftError(f"{where}: not valid JSON ({error.msg})") from None
-            problem = validate_record(record)
-            if problem:
-                raise LeanftError(f"{where}: {problem}")
-            records.append(record)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LeanftError(f"{where}: not valid JSON ({error.msg})") from None
+        problem = validate_record(record)
+        if problem:
+            raise LeanftError(f"{where}: {problem}")
+        records.append(record)
     if not records:
         raise LeanftError(f"{path} holds no examples: add one JSON object per line")
     return records
@@ -180,11 +187,28 @@ def tokenize_dataset(
 
     With ``pack=True`` examples are concatenated into blocks of ``max_seq_len`` tokens (see ``pack_features``).
     """
-    features = [tokenize_example(record, tokenizer, None if pack else max_seq_len) for record in records]
-    features = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"])]
-    if not features:
+    return tokenize_and_count(records, tokenizer, max_seq_len, pack)[0]
+
+
+def tokenize_and_count(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int = 512, pack: bool = False
+) -> tuple[list[Feature], dict]:
+    """``tokenize_dataset`` and what it changed: examples dropped (no answer token within ``max_seq_len``),
+    examples whose answer was cut short, and with packing the examples longer than a block."""
+    full = [tokenize_example(record, tokenizer) for record in records]
+    cut = full if pack else [{key: value[:max_seq_len] for key, value in f.items()} for f in full]
+    answered = [any(label != IGNORE_INDEX for label in f["labels"]) for f in cut]
+    kept = [f for f, keep in zip(cut, answered, strict=True) if keep]
+    longer = [len(f["input_ids"]) > max_seq_len for f in full]
+    report = {
+        "examples": len(records),
+        "dropped": answered.count(False),
+        "truncated": 0 if pack else sum(long and keep for long, keep in zip(longer, answered, strict=True)),
+        "longer_than_a_block": sum(longer) if pack else 0,
+    }
+    if not kept:
         raise LeanftError(f"no example keeps an answer token within max_seq_len={max_seq_len}: raise it")
-    return pack_features(features, max_seq_len) if pack else features
+    return (pack_features(kept, max_seq_len) if pack else kept), report
 
 
 def pack_features(features: Sequence[Feature], block_size: int) -> list[Feature]:
@@ -281,7 +305,11 @@ def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     records = load_jsonl_examples(config.data)
     if config.eval_data is not None:
         return records, load_jsonl_examples(config.eval_data)[: config.num_eval]
-    held = max(1, min(config.num_eval, len(records) // 20))
     if len(records) < 2:
         raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
-    return records[:-held], records[-held:]
+    held = max(1, min(config.num_eval, len(records) // 20))
+    if held < config.num_eval:
+        logger.warning("held out %d of %d examples (5%%), fewer than num_eval=%d: pass eval_data=... for more",
+                       held, len(records), config.num_eval)
+    chosen = set(random.Random(config.seed).sample(range(len(records)), held))  # drawn with the run's seed
+    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])

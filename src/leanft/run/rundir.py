@@ -6,6 +6,8 @@ the end ``adapter/`` (or the full model), ``metrics.jsonl``, ``loss_curve.png`` 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import shutil
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,7 +18,7 @@ import yaml
 
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path
-from leanft.run.config import TrainConfig, config_to_dict, load_config
+from leanft.run.config import TrainConfig, config_to_dict, flat_items, load_config
 from leanft.run.methods import ADAPTER_DIR, load_trained
 from leanft.run.models import load_model_and_tokenizer
 
@@ -24,28 +26,178 @@ RUN_CONFIG_FILE = "run_config.yaml"
 SUMMARY_FILE = "summary.json"
 BASELINE_FILE = "baseline.json"
 COMPLETE_MARKER = "leanft_complete"
+LOCK_FILE = ".leanft.lock"
 MODEL_KEYS = ("model", "method", "r", "lora_alpha", "target_modules", "quantize", "seed")  # fix what a run trained
+RESUME_SAFE_KEYS = (  # what a resumed run may change: how long it trains, how often it logs, saves and evaluates
+    "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "ddp_timeout", "resume", "overwrite",
+)
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``checkpoint-N`` folder whose save finished, or None."""
-    complete = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+def _step(folder: Path) -> int:
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of a run, newest first."""
+    found = [path for path in run_dir.glob("checkpoint-*") if path.is_dir() and _step(path) >= 0]
+    return sorted(found, key=_step, reverse=True)
+
+
+def _listed(folder: Path) -> dict[str, int]:
+    """The files a checkpoint's manifest covers (other ranks' RNG files are written on their own schedule)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        other_rank = name.startswith("rng_state_") and name != "rng_state_0.pth"
+        if path.is_file() and name != COMPLETE_MARKER and not path.name.startswith(".") and not other_rank:
+            files[name] = path.stat().st_size
+    return files
+
+
+def mark_complete(folder: Path) -> None:
+    """Mark a checkpoint complete: the marker lists every file of it with its size (checked before a resume)."""
+    listing = json.dumps({"files": _listed(folder)}, indent=1) + "\n"
+    with atomic_path(folder / COMPLETE_MARKER) as temporary:
+        temporary.write_text(listing)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (not complete, a file missing or of another size), or None."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return "its save did not finish"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {COMPLETE_MARKER} marker is damaged"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved"
+    return None
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that can be resumed from, and why each newer one was skipped."""
+    skipped = []
+    for folder in checkpoints(run_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"{folder.name}: {problem}")
+    return None, skipped
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; delete older ones, and unfinished ones older than the newest
+    complete one. Called only once a new checkpoint is complete, so a complete one always remains."""
+    complete = [folder for folder in checkpoints(run_dir) if checkpoint_problem(folder) is None]
+    if not complete:
+        return
+    kept, newest = complete[:keep], _step(complete[0])
+    for folder in checkpoints(run_dir):
+        stale = folder in complete or _step(folder) < newest  # an unfinished one newer than all may be in progress
+        if folder not in kept and stale:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def clear_newer_checkpoints(run_dir: Path, resume_from: Path) -> None:
+    """Delete the checkpoints newer than ``resume_from`` (unfinished or damaged): the resumed run writes them anew."""
+    for folder in checkpoints(run_dir):
+        if _step(folder) > _step(resume_from):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def fresh_output_dir(folder: Path, overwrite: bool, what: str) -> None:
     """Refuse a file, or a non-empty folder unless ``overwrite`` (then the folder is emptied)."""
     if folder.exists() and not folder.is_dir():
         raise LeanftError(f"output_dir {folder} is a file: pass a folder")
-    if folder.is_dir() and any(folder.iterdir()):
+    if _content(folder):
         if not overwrite:
             raise LeanftError(f"{folder} {what}: pass overwrite=true or choose another output_dir")
         shutil.rmtree(folder)
 
 
 def default_output_dir(name: str) -> Path:
-    """A new folder under ``runs/`` named by the time and ``name``."""
+    """A new folder under ``runs/`` named by the time and ``name`` (``claim`` makes it unique)."""
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+def _content(folder: Path) -> list[Path]:
+    return [path for path in folder.iterdir() if path.name != LOCK_FILE] if folder.is_dir() else []
+
+
+class RunFolderLock:
+    """One run per folder: an exclusive lock on ``.leanft.lock`` inside it, released when the process ends (a
+    crashed or killed run leaves no stale lock). An auto-named folder is claimed under a unique name first. On
+    a failure before the run wrote anything, a folder this lock created is removed again."""
+
+    def __init__(self, run_dir: Path, auto_named: bool) -> None:
+        self.run_dir, self.auto_named = run_dir, auto_named
+        self.created, self.handle = False, None
+
+    def _claim(self) -> None:
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not self.auto_named:
+            self.created = not self.run_dir.exists()
+            self.run_dir.mkdir(exist_ok=True)
+            return
+        base = self.run_dir
+        for number in range(1, 1000):
+            candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            self.run_dir, self.created = candidate, True
+            return
+        raise LeanftError(f"could not claim a new run folder next to {base}: pass output_dir=...")
+
+    def __enter__(self) -> Path:
+        self._claim()
+        self.handle = (self.run_dir / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise LeanftError(
+                f"{self.run_dir} is in use by another leanft run: wait for it to finish or choose another output_dir"
+            ) from None
+        return self.run_dir
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None and self.created and not _content(self.run_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:  # removed while still held: a run starting now either fails to lock it or locks a new file
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def resume_config(path: str | None, overrides: Sequence[str]) -> TrainConfig:
+    """The config of ``leanft train [path] [overrides]``: with ``resume=true``, the run's saved config with the
+    given keys on top (checked by ``check_resume``); otherwise the defaults with them."""
+    config = load_config(path, overrides)
+    saved_file = Path(config.output_dir or "") / RUN_CONFIG_FILE
+    if not config.resume or config.output_dir is None or not saved_file.is_file():
+        return config  # prepare_run_dir names what is missing
+    return load_config(path, overrides, start=load_config(saved_file))
+
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a resume whose settings differ from the run's saved ones in a key that is not safe to change."""
+    saved = flat_items(load_config(run_dir / RUN_CONFIG_FILE))
+    given = flat_items(config)
+    changed = [key for key in given if key not in RESUME_SAFE_KEYS and given[key] != saved.get(key)]
+    if changed:
+        key = changed[0]
+        raise LeanftError(
+            f"resume=true continues the run with its saved settings, but {key} differs ({saved.get(key)!r} saved, "
+            f"{given[key]!r} given): drop {key}=...; a resume may change only {', '.join(RESUME_SAFE_KEYS[:5])}"
+        )
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
@@ -55,10 +207,13 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     run_dir = Path(config.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise LeanftError(f"output_dir {run_dir} is a file: pass a folder")
-    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    has_content = bool(_content(run_dir))
     if config.resume:
-        if last_complete_checkpoint(run_dir) is None:
-            raise LeanftError(f"{run_dir} holds no complete checkpoint to resume from: drop resume=true")
+        found, skipped = resume_checkpoint(run_dir)
+        if found is None or not (run_dir / RUN_CONFIG_FILE).is_file():
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise LeanftError(f"{run_dir} holds no complete checkpoint to resume from{why}: drop resume=true")
+        check_resume(run_dir, config)
         return run_dir
     if (run_dir / SUMMARY_FILE).is_file() and not config.overwrite:
         raise LeanftError(f"{run_dir} holds a finished run: pass overwrite=true or choose another output_dir")
@@ -69,8 +224,9 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 def start_run_dir(run_dir: Path, config: TrainConfig) -> None:
     """Create the run folder (emptied first for ``overwrite=true``) and record the config in it."""
-    if config.overwrite and not config.resume and run_dir.is_dir():
-        shutil.rmtree(run_dir)
+    if config.overwrite and not config.resume:
+        for path in _content(run_dir):  # the lock file stays: this run holds it
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / RUN_CONFIG_FILE) as temporary:
         temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

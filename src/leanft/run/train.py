@@ -7,6 +7,7 @@ so a crash mid-save never leaves a checkpoint that ``resume=true`` would pick up
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -27,13 +28,27 @@ from leanft.core.distributed import (
 )
 from leanft.core.dropbp import DropBP
 from leanft.core.fileio import atomic_dir, write_json
-from leanft.run.callbacks import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
+from leanft.run.callbacks import (
+    HeldoutCurveCallback,
+    InterruptCallback,
+    RunLogCallback,
+    plot_loss_curve,
+    trim_metrics,
+)
 from leanft.run.config import TrainConfig
-from leanft.run.data import collate, load_records, tokenize_dataset
+from leanft.run.data import collate, load_records, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
 from leanft.run.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
-from leanft.run.rundir import BASELINE_FILE, SUMMARY_FILE, last_complete_checkpoint, prepare_run_dir, start_run_dir
+from leanft.run.rundir import (
+    BASELINE_FILE,
+    SUMMARY_FILE,
+    RunFolderLock,
+    clear_newer_checkpoints,
+    prepare_run_dir,
+    resume_checkpoint,
+    start_run_dir,
+)
 from leanft.run.trainer import LeanftTrainer, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -49,6 +64,7 @@ class RunInputs:
     features: list
     eval_records: list
     eval_features: list
+    data_report: dict  # examples dropped or truncated by tokenization, per split
 
 
 def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, collator, device) -> DropBPCallback:
@@ -72,19 +88,53 @@ def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, col
     )
 
 
-def load_inputs(config: TrainConfig) -> RunInputs:
-    """Check the run folder, load data, model and tokenizer, tokenize; then (rank 0) start the run folder."""
-    config.validate()
-    init_distributed(config.ddp_timeout)
-    run_dir = run_on_main(lambda: prepare_run_dir(config))  # rank 0 checks, every rank gets the folder
+def claim_run_dir(config: TrainConfig, stack: contextlib.ExitStack) -> Path:
+    """Check the run folder and take its lock on rank 0 (held until ``stack`` closes); every rank gets the folder."""
+
+    def claim() -> Path:
+        run_dir = prepare_run_dir(config)
+        return stack.enter_context(RunFolderLock(run_dir, auto_named=config.output_dir is None))
+
+    return run_on_main(claim)
+
+
+def report_data_changes(report: dict, max_seq_len: int) -> None:
+    """One log line per split that tokenization changed (examples dropped, answers cut, examples over a block)."""
+    for split, counts in report.items():
+        changes = [f"{counts[key]} {text}" for key, text in (
+            ("dropped", "dropped (no answer token within max_seq_len)"),
+            ("truncated", "with the answer cut at max_seq_len"),
+            ("longer_than_a_block", "longer than a packed block"),
+        ) if counts[key]]
+        if changes:
+            logger.warning("%s data, %d examples: %s (max_seq_len=%d)", split, counts["examples"], "; ".join(changes),
+                           max_seq_len)
+
+
+def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
+    """Load data, model and tokenizer, tokenize; then (rank 0) start the run folder."""
     transformers.set_seed(config.seed)
     train_records, eval_records = load_records(config)
     model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
-    features = tokenize_dataset(train_records, tokenizer, config.max_seq_len, config.packing)
-    eval_features = tokenize_dataset(eval_records, tokenizer, config.max_seq_len)
+    features, train_report = tokenize_and_count(train_records, tokenizer, config.max_seq_len, config.packing)
+    eval_features, eval_report = tokenize_and_count(eval_records, tokenizer, config.max_seq_len)
+    data_report = {"train": train_report, "heldout": eval_report}
+    report_data_changes(data_report, config.max_seq_len)
     if is_main_process():  # only now that every input is known good
         start_run_dir(run_dir, config)
-    return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features)
+        if config.resume:
+            prepare_resume(run_dir)
+    return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features, data_report)
+
+
+def prepare_resume(run_dir: Path) -> None:
+    """Say which checkpoint the run resumes from and why it skipped newer ones; clear what it will redo."""
+    resume_from, skipped = resume_checkpoint(run_dir)
+    for reason in skipped:
+        logger.warning("skipping %s", reason)
+    logger.info("resuming from %s", resume_from)
+    clear_newer_checkpoints(run_dir, resume_from)
+    trim_metrics(run_dir, int(resume_from.name.rsplit("-", 1)[1]))
 
 
 def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None) -> dict:
@@ -130,6 +180,7 @@ def build_trainer(
         callbacks=[*named.values(), *extra_callbacks],
         chunked_loss=config.chunked_loss and not config.fsdp,
         method=config.method,
+        keep_checkpoints=config.save_total_limit,
     )
     return trainer, controller, named
 
@@ -181,16 +232,27 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer; ``baseline`` is the
     untrained model's ``{"loss", "accuracy"}`` on the same held-out data where already known.
     """
-    inputs = load_inputs(config)
+    config.validate()
+    init_distributed(config.ddp_timeout)
+    with contextlib.ExitStack() as stack:
+        inputs = load_inputs(config, claim_run_dir(config, stack))
+        return run_training(inputs, config, callbacks or [], baseline)
+
+
+def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None) -> dict:
+    """Baseline, training, final save and evaluation of a run whose inputs are loaded; returns the summary."""
     before = evaluate_baseline(inputs, config, baseline)
-    trainer, controller, named = build_trainer(inputs, config, callbacks or [])
+    trainer, controller, named = build_trainer(inputs, config, callbacks)
     started = time.perf_counter()
-    resume_from = last_complete_checkpoint(inputs.run_dir) if config.resume else None
+    resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
     if named["interrupt"].interrupted:
         step = trainer.state.global_step
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {inputs.run_dir}")
+        raise KeyboardInterrupt(
+            f"interrupted at step {step}; checkpoint saved: continue with "
+            f"leanft train output_dir={inputs.run_dir} resume=true"
+        )
     model = save_final(trainer, config, inputs.run_dir)
     if model is None:
         return {}
@@ -199,6 +261,7 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
     after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features, loss=final_loss,
                      **eval_options(config))
     summary = summarise(config, trainer, controller, named, (before, after, len(inputs.eval_records)), wall)
+    summary["data"] = inputs.data_report
     title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
     plot_loss_curve(inputs.run_dir, title=title)
     write_json(inputs.run_dir / SUMMARY_FILE, summary)

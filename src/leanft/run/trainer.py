@@ -10,11 +10,10 @@ from transformers import Trainer, TrainingArguments
 from leanft.core.chunked_loss import chunked_loss_for
 from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
-from leanft.core.fileio import atomic_path
 from leanft.core.paca import paca_modules
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
-from leanft.run.rundir import COMPLETE_MARKER
+from leanft.run.rundir import mark_complete, rotate_checkpoints
 
 
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
@@ -26,8 +25,12 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     gradient-accumulation and multi-process token counting apply unchanged.
     """
 
-    def __init__(self, *args, chunked_loss: bool = False, method: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, chunked_loss: bool = False, method: str | None = None, keep_checkpoints: int | None = None,
+        **kwargs,
+    ) -> None:
         model = kwargs.get("model", args[0] if args else None)
+        self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
         spec = method_spec(method) if method is not None else None
         self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
         self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
@@ -60,9 +63,10 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
         self.own_checkpoints.load(model if model is not None else self.model, Path(checkpoint))
 
     def checkpoint_saved(self, folder: Path) -> None:
-        """Mark the checkpoint complete: only then does ``resume=true`` pick it."""
-        with atomic_path(folder / COMPLETE_MARKER) as temporary:
-            temporary.write_text("complete\n")
+        """Mark the checkpoint complete (only then does ``resume=true`` pick it), then rotate the older ones."""
+        mark_complete(folder)
+        if self.keep_checkpoints is not None:
+            rotate_checkpoints(folder.parent, self.keep_checkpoints)
 
 
 def use_bf16(config: TrainConfig) -> bool:
@@ -90,7 +94,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # LeanftTrainer rotates, and only once the new checkpoint is complete
         seed=config.seed,
         data_seed=config.seed,
         bf16=use_bf16(config),
