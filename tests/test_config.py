@@ -62,3 +62,10 @@ def test_target_modules_parsing():
     assert parse_target_modules("all-linear") == "all-linear"
     assert parse_target_modules("q_proj, v_proj") == ["q_proj", "v_proj"]
     assert parse_target_modules(r".*\.mlp\..*") == r".*\.mlp\..*"
+
+
+def test_the_shipped_default_config_is_the_default_job():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert load_config(shipped) == TrainConfig()

@@ -90,7 +90,7 @@ def test_builtin_arith_trains_and_evaluates_end_to_end(model_dir, tmp_path, monk
     answers = {r["instruction"]: r["output"] for r in arith_task(seed=0, n_train=16, n_eval=4)[1]}
     asked = []
 
-    def worked_with_extra_text(model, tokenizer, prompts, max_new_tokens):
+    def worked_with_extra_text(model, tokenizer, prompts, max_new_tokens, desc=None):
         asked.append(max_new_tokens)
         return [f"Let me see.\n{answers[p]}  \n" for p in prompts]
 

@@ -22,6 +22,7 @@ from leanft.core.paca import (
 )
 from leanft.core.paca_layer import PacaLinear
 from leanft.core.quant import QPacaLinear
+from leanft.run.models import load_model_and_tokenizer
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "chunked_causal_lm_loss",
     "gradient_fidelity",
     "linear_cross_entropy",
+    "load_model_and_tokenizer",
     "load_paca",
     "merge_paca",
     "paca_disabled",

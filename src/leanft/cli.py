@@ -31,10 +31,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from leanft.run.train import train
 
     path, overrides = _split_config_args(args.items)
-    summary = train(resume_config(path, overrides))
+    config = resume_config(path, overrides)
+    summary = train(config)
     if summary:
-        print(json.dumps(summary, indent=2))
+        print(short_summary(summary))
     return 0
+
+
+def short_summary(summary: dict) -> str:
+    """What a finished run achieved, in three lines (the whole summary is in ``summary.json``)."""
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0%}"
+
+    run_dir = summary["run_dir"]
+    return "\n".join([
+        f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}, accuracy "
+        f"{share(summary['accuracy_before'])} -> {share(summary['accuracy_after'])} ({summary['num_eval']} examples)",
+        f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
+        f"{summary['method']}" + (f" + DropBP {summary['dropbp_rate']:g}" if summary["dropbp_rate"] else ""),
+        f"run folder: {run_dir} (summary.json, adapter/, metrics.jsonl, loss_curve.png)",
+    ])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

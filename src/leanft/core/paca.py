@@ -56,7 +56,8 @@ def _dispatch(module: nn.Module) -> PacaDispatch | None:
     return next((dispatch for dispatch in DISPATCHERS if dispatch.matches(module)), None)
 
 
-def _target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+def target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """The linear layers of ``model`` that ``target_modules`` names ('all-linear', a regex or name suffixes)."""
     candidates = [name for name, module in model.named_modules() if _dispatch(module) is not None]
     if target_modules == "all-linear":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -96,6 +97,21 @@ def paca_modules(model: nn.Module) -> dict[str, PacaLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, PacaLinear)}
 
 
+def check_paca_targets(model: nn.Module, r: int, target_modules: str | Sequence[str] = "all-linear") -> list[str]:
+    """The layers ``apply_paca`` would replace; raises what it would raise, without changing ``model``."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LeanftError(f"r must be a positive integer (number of trained columns per layer), got {r!r}")
+    if paca_modules(model):
+        raise LeanftError("the model already has PaCA layers; merge_paca or remove_paca them first")
+    names = target_names(model, target_modules)
+    for name in names:
+        module = model.get_submodule(name)
+        width = _dispatch(module).in_features(module)
+        if r > width:
+            raise LeanftError(f"r={r} exceeds the input width {width} of {name}; pick r <= {width}")
+    return names
+
+
 def apply_paca(
     model: nn.Module,
     r: int = 8,
@@ -105,16 +121,7 @@ def apply_paca(
     train_bias: bool = False,
 ) -> nn.Module:
     """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise LeanftError(f"r must be a positive integer (number of trained columns per layer), got {r!r}")
-    if paca_modules(model):
-        raise LeanftError("the model already has PaCA layers; merge_paca or remove_paca them first")
-    names = _target_names(model, target_modules)
-    for name in names:
-        module = model.get_submodule(name)
-        width = _dispatch(module).in_features(module)
-        if r > width:
-            raise LeanftError(f"r={r} exceeds the input width {width} of {name}; pick r <= {width}")
+    names = check_paca_targets(model, r, target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
     tied = _shared_storages(model)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leanft.core.chunked_loss import IGNORE_INDEX
@@ -257,14 +258,19 @@ def generate_answers(
     prompts: Sequence[str],
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    desc: str | None = None,
 ) -> list[str]:
-    """Greedy answers to user messages, rendered as in training and batched with left padding."""
+    """Greedy answers to user messages, rendered as in training and batched with left padding.
+
+    ``desc`` shows a progress bar with that title.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
         encoded = [
             tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
             for p in prompts[start : start + batch_size]

@@ -57,6 +57,7 @@ def accuracy(
     records: Sequence[Record],
     max_new_tokens: int,
     correct: Scorer = same_text,
+    desc: str | None = None,
 ) -> float | None:
     """Share of greedy answers that ``correct(prediction, reference)`` accepts, by default exact match.
 
@@ -65,7 +66,7 @@ def accuracy(
     prompts, references = reference_pairs(records)
     if not prompts:
         return None
-    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, desc=desc)
     return match_rate(predictions, references, correct)
 
 
@@ -77,18 +78,19 @@ def evaluate(
     max_new_tokens: int,
     loss: float | None = None,
     correct: Scorer = same_text,
+    desc: str | None = None,
 ) -> dict[str, float | None]:
     """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features.
 
     ``loss``: the held-out loss of this model on ``features`` where it was already measured; ``correct``: the
-    accuracy scorer (see ``accuracy``).
+    accuracy scorer (see ``accuracy``); ``desc``: the title of a progress bar over the answers generated.
     """
     if loss is None:
         loss = heldout_loss(model, features, tokenizer.pad_token_id)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": accuracy(model, tokenizer, records, max_new_tokens, correct),
+        "accuracy": accuracy(model, tokenizer, records, max_new_tokens, correct, desc),
     }
 
 

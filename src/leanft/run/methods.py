@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
-from leanft.core.paca import apply_paca, load_paca, merge_paca, save_paca
+from leanft.core.paca import apply_paca, check_paca_targets, load_paca, merge_paca, save_paca, target_names
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
 
 ADAPTER_DIR = "adapter"
@@ -48,6 +48,7 @@ class MethodSpec:
     save: Callable[[nn.Module, Path], Path]
     load: Callable[[PreTrainedModel, Path], nn.Module]
     merge: Callable[[nn.Module], PreTrainedModel]
+    check: Callable[[PreTrainedModel, MethodSettings], None]  # raises what attach would, without changing the model
     own_checkpoints: bool = False  # True: Trainer checkpoints hold what ``save`` writes, not the whole model
 
 
@@ -63,6 +64,18 @@ def parse_target_modules(text: str) -> str | list[str]:
 def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     targets = parse_target_modules(settings.target_modules)
     return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed)
+
+
+def _check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
+    check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
+
+
+def _check_lora(model: PreTrainedModel, settings: MethodSettings) -> None:
+    target_names(model, parse_target_modules(settings.target_modules))  # peft matches names the same way
+
+
+def _check_nothing(model: PreTrainedModel, settings: MethodSettings) -> None:
+    """Full fine-tuning attaches nothing that could fail."""
 
 
 def _attach_lora(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
@@ -109,11 +122,11 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("paca", "PaCA", "PaCA", 3e-3, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
-                   own_checkpoints=True),
+                   _check_paca, own_checkpoints=True),
         MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
-                   _merge_lora),
+                   _merge_lora, _check_lora),
         MethodSpec("full", "full FT", "full FT", 2e-5, None, _attach_full, _save_pretrained, _load_full,
-                   lambda model: model),
+                   lambda model: model, _check_nothing),
     )
 }
 QUANTIZED_FORMS = {spec.quantized: spec.name for spec in METHODS.values() if spec.quantized}  # qpaca -> paca

@@ -30,6 +30,7 @@ LOCK_FILE = ".leanft.lock"
 MODEL_KEYS = ("model", "method", "r", "lora_alpha", "target_modules", "quantize", "seed")  # fix what a run trained
 RESUME_SAFE_KEYS = (  # what a resumed run may change: how long it trains, how often it logs, saves and evaluates
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "ddp_timeout", "resume", "overwrite",
+    "output_dir",  # the folder may have been moved
 )
 
 
@@ -214,6 +215,8 @@ def prepare_run_dir(config: TrainConfig) -> Path:
             why = f" ({'; '.join(skipped)})" if skipped else ""
             raise LeanftError(f"{run_dir} holds no complete checkpoint to resume from{why}: drop resume=true")
         check_resume(run_dir, config)
+        if (run_dir / SUMMARY_FILE).is_file() and config.max_steps <= load_config(run_dir / RUN_CONFIG_FILE).max_steps:
+            raise LeanftError(f"{run_dir} holds a finished run: nothing to resume (raise max_steps to train on)")
         return run_dir
     if (run_dir / SUMMARY_FILE).is_file() and not config.overwrite:
         raise LeanftError(f"{run_dir} holds a finished run: pass overwrite=true or choose another output_dir")

@@ -114,8 +114,11 @@ def report_data_changes(report: dict, max_seq_len: int) -> None:
 def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     """Load data, model and tokenizer, tokenize; then (rank 0) start the run folder."""
     transformers.set_seed(config.seed)
+    logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
+    logger.info("loading model %s", config.model)
     model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
     features, train_report = tokenize_and_count(train_records, tokenizer, config.max_seq_len, config.packing)
     eval_features, eval_report = tokenize_and_count(eval_records, tokenizer, config.max_seq_len)
     data_report = {"train": train_report, "heldout": eval_report}
@@ -146,7 +149,7 @@ def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None
         return json.loads(path.read_text())
     records, features = inputs.eval_records, inputs.eval_features
     baseline = known if known is not None else evaluate(
-        inputs.model, inputs.tokenizer, records, features, **eval_options(config)
+        inputs.model, inputs.tokenizer, records, features, desc="baseline evaluation", **eval_options(config)
     )
     write_json(path, baseline)
     return baseline
@@ -259,9 +262,9 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     curve = named.get("curve")
     final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
     after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features, loss=final_loss,
-                     **eval_options(config))
+                     desc="final evaluation", **eval_options(config))
     summary = summarise(config, trainer, controller, named, (before, after, len(inputs.eval_records)), wall)
-    summary["data"] = inputs.data_report
+    summary["data"], summary["run_dir"] = inputs.data_report, str(inputs.run_dir)
     title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
     plot_loss_curve(inputs.run_dir, title=title)
     write_json(inputs.run_dir / SUMMARY_FILE, summary)

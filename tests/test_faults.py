@@ -1,0 +1,88 @@
+"""Fault injection: ``kill -9`` at random points of training and of checkpoint writing, then ``resume=true``.
+
+Every trial must either resume to the bit-identical adapter of an uninterrupted run or have been killed before
+its first checkpoint was complete (then resume refuses with one line). The default run makes 3 trials for each
+``save_total_limit``; the slow suite makes 20.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 6
+
+
+def command(model_dir, data_file, run_dir, limit: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "leanft", "train", f"model={model_dir}", f"data={data_file}", f"output_dir={run_dir}",
+        f"max_steps={STEPS}", "batch_size=4", "save_steps=1", f"save_total_limit={limit}", "num_eval=4",
+        "max_new_tokens=2", "eval_steps=0", *extra,
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def kill_during(args: list[str], run_dir, step: int, delay: float) -> None:
+    """Start the run, and SIGKILL it ``delay`` seconds after its checkpoint of ``step`` begins to appear."""
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = run_dir / f"checkpoint-{step}"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and not target.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def adapter(run_dir) -> dict:
+    return load_file(run_dir / "adapter" / "paca_adapter.safetensors")
+
+
+def trials(model_dir, data_file, tmp_path, limit: int, count: int, seed: int) -> list[str]:
+    reference_dir = tmp_path / "reference"
+    done = run(command(model_dir, data_file, reference_dir, limit))
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = adapter(reference_dir)
+    chooser, outcomes = random.Random(seed), []
+    for trial in range(count):
+        run_dir = tmp_path / f"trial-{trial}"
+        step, delay = chooser.randint(1, STEPS), chooser.uniform(0.0, 0.4)
+        kill_during(command(model_dir, data_file, run_dir, limit), run_dir, step, delay)
+        resumed = run(command(model_dir, data_file, run_dir, limit, "resume=true"))
+        if resumed.returncode == 2 and "no complete checkpoint" in resumed.stderr:
+            assert not (run_dir / "summary.json").exists()
+            outcomes.append("before the first checkpoint")
+            continue
+        assert resumed.returncode == 0, (step, delay, resumed.stderr[-2000:])
+        actual = adapter(run_dir)
+        assert actual.keys() == reference.keys()
+        assert all(torch.equal(actual[key], reference[key]) for key in reference), (step, delay)
+        outcomes.append("resumed, bit-identical")
+    return outcomes
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_kill_9_anywhere_then_resume_gives_the_same_adapter(model_dir, data_file, tmp_path, limit):
+    outcomes = trials(model_dir, data_file, tmp_path, limit, count=3, seed=limit)
+    assert "resumed, bit-identical" in outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [1, 2])
+def test_kill_9_anywhere_then_resume_many_times(model_dir, data_file, tmp_path, limit):
+    outcomes = trials(model_dir, data_file, tmp_path, limit, count=20, seed=100 + limit)
+    assert outcomes.count("resumed, bit-identical") >= 10
