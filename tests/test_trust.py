@@ -270,3 +270,27 @@ def test_library_calls_with_bad_input_leave_the_model_as_it_was(tmp_path):
         leanft.apply_dropbp(model, drop_rate=0.5)
     controller.remove()
     leanft.apply_dropbp(model, drop_rate=0.5).remove()  # removed: attachable again
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_intact(model_dir, data_file, tmp_path, capsys):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    try:
+        run_dir = disk / "run"
+        args = run_args(model_dir, data_file, run_dir, "save_steps=1", "save_total_limit=1", "eval_steps=0")
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("leanft: error: the disk holding") and "is full" in error
+        assert "checkpoint-1 is intact" in error
+        assert checkpoint_problem(run_dir / "checkpoint-1") is None
+        assert not (run_dir / "checkpoint-2").exists()
+        moved = tmp_path / "moved"
+        shutil.copytree(run_dir, moved)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    assert main(["train", f"output_dir={moved}", "resume=true"]) == 0  # with space again, it resumes

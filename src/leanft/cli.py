@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2; Ctrl-C during training s
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LeanftError as error:
         print(f"leanft: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"leanft: error: no space left on the disk holding {error.filename or 'the output'}: free some "
+              "space and run again", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as interrupt:
         print(f"leanft: {str(interrupt) or 'interrupted (nothing was saved)'}", file=sys.stderr)

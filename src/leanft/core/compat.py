@@ -15,10 +15,10 @@ from torch import nn
 
 
 class TrainerCheckpointHooks:
-    """Mixin before ``transformers.Trainer``: its private checkpoint methods, turned into three public hooks.
+    """Mixin before ``transformers.Trainer``: its private checkpoint methods, turned into public hooks.
 
     ``Trainer._save``, ``_load_from_checkpoint``, ``_save_checkpoint`` and ``_get_output_dir`` are private; a
-    subclass overrides ``save_weights``, ``load_weights`` and ``checkpoint_saved`` instead.
+    subclass overrides ``save_weights``, ``load_weights``, ``checkpoint_saved`` and ``checkpoint_failed`` instead.
     """
 
     def save_weights(self, output_dir: str, state_dict: dict | None, trainer_save: Callable) -> None:
@@ -38,10 +38,18 @@ class TrainerCheckpointHooks:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.load_weights(resume_from_checkpoint, model, super()._load_from_checkpoint)
 
+    def checkpoint_failed(self, folder: Path, error: Exception) -> None:
+        """Called when writing checkpoint ``folder`` raised ``error``; re-raises it unless overridden."""
+        raise error
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            self.checkpoint_failed(folder, error)
         if self.args.should_save:
-            self.checkpoint_saved(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+            self.checkpoint_saved(folder)
 
 
 @contextlib.contextmanager

@@ -57,6 +57,10 @@ class RunLogCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Close the bar."""
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar (also when training ended with an error, so it does not print after the error)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

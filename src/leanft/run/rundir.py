@@ -6,6 +6,7 @@ the end ``adapter/`` (or the full model), ``metrics.jsonl``, ``loss_curve.png`` 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import shutil
@@ -54,6 +55,15 @@ def _listed(folder: Path) -> dict[str, int]:
         if path.is_file() and name != COMPLETE_MARKER and not path.name.startswith(".") and not other_rank:
             files[name] = path.stat().st_size
     return files
+
+
+def disk_is_full(folder: Path, error: Exception) -> bool:
+    """Whether ``error`` (raised writing under ``folder``) comes from a full disk or quota."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    newest = next((c for c in checkpoints(folder) if checkpoint_problem(c) is None), None)
+    needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else 0
+    return shutil.disk_usage(folder).free < max(1024 * 1024, needed)
 
 
 def mark_complete(folder: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
+from transformers.trainer_callback import PrinterCallback
 
 from leanft.core.callback import DropBPCallback
 from leanft.core.distributed import (
@@ -185,6 +186,7 @@ def build_trainer(
         method=config.method,
         keep_checkpoints=config.save_total_limit,
     )
+    trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, named
 
 
@@ -248,7 +250,10 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     trainer, controller, named = build_trainer(inputs, config, callbacks)
     started = time.perf_counter()
     resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        named["log"].close()
     wall = time.perf_counter() - started
     if named["interrupt"].interrupted:
         step = trainer.state.global_step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -10,10 +11,11 @@ from transformers import Trainer, TrainingArguments
 from leanft.core.chunked_loss import chunked_loss_for
 from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
+from leanft.core.errors import LeanftError
 from leanft.core.paca import paca_modules
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
-from leanft.run.rundir import mark_complete, rotate_checkpoints
+from leanft.run.rundir import disk_is_full, mark_complete, resume_checkpoint, rotate_checkpoints
 
 
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
@@ -61,6 +63,19 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
             trainer_load(checkpoint, model)
             return
         self.own_checkpoints.load(model if model is not None else self.model, Path(checkpoint))
+
+    def checkpoint_failed(self, folder: Path, error: Exception) -> None:
+        """A full disk becomes one clear error (the unfinished checkpoint removed, the older ones intact)."""
+        if not disk_is_full(folder.parent, error):
+            raise error
+        shutil.rmtree(folder, ignore_errors=True)
+        intact = resume_checkpoint(folder.parent)[0]
+        kept = f"{intact.name} is intact" if intact is not None else "no checkpoint was complete yet"
+        raise LeanftError(
+            f"the disk holding {folder.parent} is full ({shutil.disk_usage(folder.parent).free // 1024} KiB free) "
+            f"while writing {folder.name}: free some space, then resume with output_dir={folder.parent} "
+            f"resume=true ({kept})"
+        ) from None
 
     def checkpoint_saved(self, folder: Path) -> None:
         """Mark the checkpoint complete (only then does ``resume=true`` pick it), then rotate the older ones."""
