@@ -294,3 +294,14 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_intact(model_
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
     assert main(["train", f"output_dir={moved}", "resume=true"]) == 0  # with space again, it resumes
+
+
+def test_outputs_are_created_with_the_users_umask(straight):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (straight / "summary.json", straight / "run_config.yaml", straight / "adapter" / "paca_config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert stat.S_IMODE((straight / "adapter").stat().st_mode) == 0o777 & ~mask
