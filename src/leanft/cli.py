@@ -144,13 +144,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(parse_bench_options(args.items))
 
 
-def _add_keys_command(commands, name: str, summary: str, description: str, keys: list[str], func) -> None:
-    """A sub-command taking ``[CONFIG.yaml] [key=value ...]``, its keys listed in ``--help``."""
+def _add_keys_command(
+    commands, name: str, summary: str, description: str, keys: list[str], func, metavar: str = "CONFIG.yaml | key=value"
+) -> None:
+    """A sub-command taking ``[CONFIG.yaml] [key=value ...]`` (or ``metavar``), its keys listed in ``--help``."""
     command = commands.add_parser(
         name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
         epilog="\n".join(keys),
     )
-    command.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    command.add_argument("items", nargs="*", metavar=metavar)
     command.set_defaults(func=func)
 
 
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "train keys (model, method, data, batch_size, ...):", *train_keys], cmd_fidelity)
     _add_keys_command(commands, "bench", "speed / memory / max length side by side with peft LoRA",
                       "leanft bench [key=value ...]  (e.g. leanft bench quick=true bases=lora,paca rates=0.5)",
-                      ["bench keys:", *options_help(BenchOptions)], cmd_bench)
+                      ["bench keys:", *options_help(BenchOptions)], cmd_bench, metavar="key=value")
     return parser
 
 
