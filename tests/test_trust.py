@@ -305,3 +305,14 @@ def test_outputs_are_created_with_the_users_umask(straight):
     for path in (straight / "summary.json", straight / "run_config.yaml", straight / "adapter" / "paca_config.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
     assert stat.S_IMODE((straight / "adapter").stat().st_mode) == 0o777 & ~mask
+
+
+def test_ctrl_c_before_training_says_nothing_was_saved(monkeypatch, capsys):
+    from leanft.run import train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    assert main(["train", "max_steps=1"]) == 130
+    assert capsys.readouterr().err.strip() == "leanft: interrupted (nothing was saved)"

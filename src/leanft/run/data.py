@@ -310,7 +310,11 @@ def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
         return task.generate(config.seed, config.num_train, config.num_eval)
     records = load_jsonl_examples(config.data)
     if config.eval_data is not None:
-        return records, load_jsonl_examples(config.eval_data)[: config.num_eval]
+        held_out = load_jsonl_examples(config.eval_data)
+        if len(held_out) < config.num_eval:
+            logger.warning("%s holds %d examples, fewer than num_eval=%d: evaluating on all of them",
+                           config.eval_data, len(held_out), config.num_eval)
+        return records, held_out[: config.num_eval]
     if len(records) < 2:
         raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
     held = max(1, min(config.num_eval, len(records) // 20))
