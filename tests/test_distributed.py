@@ -43,8 +43,8 @@ WORLD = 2
 STEPS = 5
 ALLOCATE_BEFORE_STEP = 2
 LR = 0.5
-SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca", "ddp-paca-accum")
-MICRO_BATCHES = {"ddp-paca-accum": 2}  # per step, else 1
+SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca", "ddp-paca-accum", "fsdp2-paca-accum")
+MICRO_BATCHES = {"ddp-paca-accum": 2, "fsdp2-paca-accum": 2}  # per step, else 1
 DROP_EVERY_BRANCH = {(1, 1), (3, 0)}  # (step, micro-batch) with more than one micro-batch: a graph-less loss
 LAUNCH_TIMEOUT_S = 240
 FAILING_RANK = Path(__file__).with_name("failing_rank.py")
@@ -108,7 +108,16 @@ def work_equivalence(out: Path) -> None:
         engine, method = scenario.split("-")[:2]
         model, ctrl = build(method)
         if engine == "fsdp2":
-            forward, no_sync = shard_fsdp2(model), contextlib.nullcontext
+            forward = shard_fsdp2(model)
+
+            @contextlib.contextmanager
+            def no_sync(sharded=forward):  # as the Trainer defers FSDP2's reduce-scatter under accumulation
+                sharded.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    sharded.set_requires_gradient_sync(True)
+
         else:
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
             no_sync = forward.no_sync
