@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -202,12 +203,31 @@ def save_paca(model: nn.Module, path: str | Path) -> Path:
     return folder
 
 
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """PaCA's saved tensors from an adapter folder (``save_paca``) or from a ``transformers.Trainer`` / TRL
+    checkpoint of a PaCA model (``model.safetensors``, sharded or not, whose ``*.paca_*`` keys are kept)."""
+    if (folder / ADAPTER_FILE).is_file():
+        return load_file(str(folder / ADAPTER_FILE))
+    shards = sorted(folder.glob("model*.safetensors"))
+    tensors = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key.endswith((".paca_index", ".paca_weight")):
+                    tensors[key] = handle.get_tensor(key)
+    if not tensors:
+        raise LeanftError(
+            f"{folder} holds no {ADAPTER_FILE} and no checkpoint of a PaCA model; point at a folder written by "
+            "save_paca or at a Trainer checkpoint of a PaCA model"
+        )
+    return tensors
+
+
 def load_paca(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load an adapter folder into ``model`` (applying PaCA to the saved layers first if needed)."""
+    """Load an adapter folder, or a Trainer / TRL checkpoint of a PaCA model, into ``model`` (applying PaCA to the
+    saved layers first if needed)."""
     folder = Path(path)
-    if not (folder / ADAPTER_FILE).is_file():
-        raise LeanftError(f"{folder} holds no {ADAPTER_FILE}; point at a folder written by save_paca")
-    tensors = load_file(str(folder / ADAPTER_FILE))
+    tensors = adapter_tensors(folder)
     layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
     modules, applied = paca_modules(model), False
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
