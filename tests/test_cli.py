@@ -190,3 +190,20 @@ def test_bad_bench_and_compare_options_are_refused_before_any_work(args, message
     assert time.perf_counter() - started < 2.0
     assert message in one_line_error(capsys)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_report_to_tensorboard_logs_leanfts_metrics(model_dir, data_file, tmp_path, capsys):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, "report_to=tensorboard", "dropbp.rate=0.5")) == 0
+    events = sorted((run_dir / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    reader = accumulator.EventAccumulator(str(events[0].parent))
+    reader.Reload()
+    tags = set(reader.Tags()["scalars"])
+    assert {"train/loss", "train/tokens_per_s", "train/dropbp_skipped_share", "train/dropbp_mean_rate"} <= tags
+    shares = [event.value for event in reader.Scalars("train/dropbp_skipped_share")]
+    assert len(shares) == 6 and 0 < shares[-1] < 1
+    capsys.readouterr()
+    assert main(run_args(model_dir, data_file, tmp_path / "other", "report_to=mlflow")) == 2
+    assert "report_to must be null (none) or one of" in one_line_error(capsys)

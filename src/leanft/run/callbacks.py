@@ -23,12 +23,13 @@ class RunLogCallback(TrainerCallback):
     def __init__(self, run_dir: str | Path) -> None:
         self.metrics_path = Path(run_dir) / METRICS_FILE
         self.bar: tqdm | None = None
+        self.state: TrainerState | None = None  # the Trainer's, once training began
         self.started = 0.0
         self.first_tokens = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Open the bar at the current step (non-zero on resume)."""
-        self.started = time.perf_counter()
+        self.started, self.state = time.perf_counter(), state
         self.first_tokens = state.num_input_tokens_seen
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")

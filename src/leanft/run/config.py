@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
 
 SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+REPORTERS = ("tensorboard", "wandb")  # each is also the name of the package it needs
 
 
 @dataclass
@@ -132,6 +134,11 @@ class TrainConfig:
     save_total_limit: int = doc("checkpoints kept", 2)
     resume: bool = doc("continue from the last checkpoint in output_dir", False)
     overwrite: bool = doc("allow writing into a run folder that holds a finished run", False)
+    report_to: str | None = doc(
+        "null (none) | tensorboard | wandb: where the Trainer also sends the metrics (losses, learning rate, "
+        "tokens/s, DropBP's realised skipped share and mean rate); tensorboard writes into the run folder's runs/",
+        None,
+    )
     dropbp: DropBPConfig = doc("DropBP settings", factory=DropBPConfig)
 
     def learning_rate(self) -> float:
@@ -178,6 +185,11 @@ class TrainConfig:
             from leanft.core.quant import require_bitsandbytes
 
             require_bitsandbytes()
+        if self.report_to is not None and self.report_to not in REPORTERS:
+            raise LeanftError(f"report_to must be null (none) or one of {', '.join(REPORTERS)}, got {self.report_to!r}")
+        if self.report_to is not None and importlib.util.find_spec(self.report_to) is None:
+            raise LeanftError(f"report_to={self.report_to} needs the {self.report_to} package: "
+                              f"pip install {self.report_to}")
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         return self

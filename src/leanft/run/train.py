@@ -185,9 +185,19 @@ def build_trainer(
         chunked_loss=config.chunked_loss and not config.fsdp,
         method=config.method,
         keep_checkpoints=config.save_total_limit,
+        extra_metrics=functools.partial(run_metrics, named["log"], controller),
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, named
+
+
+def run_metrics(run_log: RunLogCallback, controller: DropBP | None) -> dict[str, float]:
+    """What a run adds to the Trainer's logs: tokens/s, and with DropBP its realised skipped share and mean rate."""
+    metrics = {"tokens_per_s": round(run_log.tokens_per_second(run_log.state), 1)} if run_log.state else {}
+    if controller is not None:
+        metrics["dropbp_skipped_share"] = controller.realised_drop_fraction()
+        metrics["dropbp_mean_rate"] = sum(controller.rates) / len(controller.rates)
+    return metrics
 
 
 def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):

@@ -29,10 +29,11 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
 
     def __init__(
         self, *args, chunked_loss: bool = False, method: str | None = None, keep_checkpoints: int | None = None,
-        **kwargs,
+        extra_metrics=None, **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
         self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
+        self.extra_metrics = extra_metrics  # () -> {name: value} added to every training log
         spec = method_spec(method) if method is not None else None
         self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
         self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
@@ -47,6 +48,12 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self.chunked.capturing(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """``Trainer.log`` with leanft's metrics added to training logs (so every ``report_to`` gets them)."""
+        if self.extra_metrics is not None and "loss" in logs:
+            logs = {**logs, **self.extra_metrics()}
+        super().log(logs, *args, **kwargs)
 
     def save_weights(self, output_dir: str, state_dict: dict | None, trainer_save) -> None:
         """The method's own save where it has one (every rank: FSDP2 gathers; rank 0 writes), else the Trainer's."""
@@ -92,7 +99,7 @@ def use_bf16(config: TrainConfig) -> bool:
 
 
 def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
-    """The ``TrainingArguments`` for a run (checkpoints in the run folder, no external reporting).
+    """The ``TrainingArguments`` for a run (checkpoints in the run folder; metrics also to ``report_to``).
 
     With DropBP on, ``dropbp.patterns_per_step`` micro-batches make up each device's batch (each forward draws
     its own pattern); the examples of a step and the effective batch stay the same.
@@ -113,7 +120,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         seed=config.seed,
         data_seed=config.seed,
         bf16=use_bf16(config),
-        report_to="none",
+        report_to=config.report_to or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
