@@ -198,10 +198,11 @@ def resume_config(path: str | None, overrides: Sequence[str]) -> TrainConfig:
     return load_config(path, overrides, start=load_config(saved_file))
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse a resume whose settings differ from the run's saved ones in a key that is not safe to change."""
-    saved = flat_items(load_config(run_dir / RUN_CONFIG_FILE))
-    given = flat_items(config)
+def check_resume(run_dir: Path, config: TrainConfig) -> TrainConfig:
+    """Refuse a resume whose settings differ from the run's saved ones in a key that is not safe to change;
+    returns the saved config."""
+    saved_config = load_config(run_dir / RUN_CONFIG_FILE)
+    saved, given = flat_items(saved_config), flat_items(config)
     changed = [key for key in given if key not in RESUME_SAFE_KEYS and given[key] != saved.get(key)]
     if changed:
         key = changed[0]
@@ -209,6 +210,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
             f"resume=true continues the run with its saved settings, but {key} differs ({saved.get(key)!r} saved, "
             f"{given[key]!r} given): drop {key}=...; a resume may change only {', '.join(RESUME_SAFE_KEYS[:5])}"
         )
+    return saved_config
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
@@ -224,8 +226,8 @@ def prepare_run_dir(config: TrainConfig) -> Path:
         if found is None or not (run_dir / RUN_CONFIG_FILE).is_file():
             why = f" ({'; '.join(skipped)})" if skipped else ""
             raise LeanftError(f"{run_dir} holds no complete checkpoint to resume from{why}: drop resume=true")
-        check_resume(run_dir, config)
-        if (run_dir / SUMMARY_FILE).is_file() and config.max_steps <= load_config(run_dir / RUN_CONFIG_FILE).max_steps:
+        saved = check_resume(run_dir, config)
+        if (run_dir / SUMMARY_FILE).is_file() and config.max_steps <= saved.max_steps:
             raise LeanftError(f"{run_dir} holds a finished run: nothing to resume (raise max_steps to train on)")
         return run_dir
     if (run_dir / SUMMARY_FILE).is_file() and not config.overwrite:
