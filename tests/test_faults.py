@@ -1,7 +1,8 @@
 """Fault injection: ``kill -9`` at random points of training and of checkpoint writing, then ``resume=true``.
 
-Every trial must either resume to the bit-identical adapter of an uninterrupted run or have been killed before
-its first checkpoint was complete (then resume refuses with one line). The default run makes 3 trials for each
+Every trial must either resume to the bit-identical adapter of an uninterrupted run, have been killed before
+its first checkpoint was complete (then resume refuses with one line), or have finished before the kill came
+(then resume refuses too, and the finished adapter is the uninterrupted one). The default run makes 3 trials for each
 ``save_total_limit``; the slow suite makes 20.
 """
 
@@ -36,16 +37,22 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def kill_during(args: list[str], run_dir, step: int, delay: float) -> None:
-    """Start the run, and SIGKILL it ``delay`` seconds after its checkpoint of ``step`` begins to appear."""
+def kill_during(args: list[str], run_dir, step: int, delay: float) -> bool:
+    """Start the run, and SIGKILL it ``delay`` seconds after its checkpoint of ``step`` begins to appear.
+
+    Returns False when the run had already finished by then (a kill at the last step can come too late)."""
     process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run_dir / f"checkpoint-{step}"
     deadline = time.monotonic() + 240
     while process.poll() is None and not target.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(delay)
+    if process.poll() is not None:
+        assert process.returncode == 0
+        return False
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return True
 
 
 def adapter(run_dir) -> dict:
@@ -61,8 +68,14 @@ def trials(model_dir, data_file, tmp_path, limit: int, count: int, seed: int) ->
     for trial in range(count):
         run_dir = tmp_path / f"trial-{trial}"
         step, delay = chooser.randint(1, STEPS), chooser.uniform(0.0, 0.4)
-        kill_during(command(model_dir, data_file, run_dir, limit), run_dir, step, delay)
+        killed = kill_during(command(model_dir, data_file, run_dir, limit), run_dir, step, delay)
         resumed = run(command(model_dir, data_file, run_dir, limit, "resume=true"))
+        if resumed.returncode == 2 and "holds a finished run" in resumed.stderr:
+            assert (run_dir / "summary.json").exists()
+            assert all(torch.equal(adapter(run_dir)[key], reference[key]) for key in reference)
+            outcomes.append("finished before the kill")
+            continue
+        assert killed, resumed.stderr[-2000:]
         if resumed.returncode == 2 and "no complete checkpoint" in resumed.stderr:
             assert not (run_dir / "summary.json").exists()
             outcomes.append("before the first checkpoint")
