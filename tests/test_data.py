@@ -12,13 +12,13 @@ from leanft.run.data import (
     IGNORE_INDEX,
     collate,
     generate_answers,
-    load_jsonl_examples,
     match_rate,
     pack_features,
     render_prompt,
     tokenize_dataset,
     tokenize_example,
 )
+from leanft.run.sources import load_jsonl_examples
 from leanft.run.tasks import final_answer_match
 
 RECORD = {"instruction": "What is the capital of France?", "output": "Paris."}

@@ -58,10 +58,11 @@ def short_summary(summary: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``leanft eval``: held-out loss, perplexity and accuracy (a built-in task's scorer, else exact match)."""
     from leanft.run.config import load_config
-    from leanft.run.data import load_records, tokenize_dataset
+    from leanft.run.data import tokenize_dataset
     from leanft.run.evaluate import eval_options, evaluate
     from leanft.run.models import load_model_and_tokenizer
     from leanft.run.rundir import RUN_CONFIG_FILE, load_run
+    from leanft.run.sources import load_records
 
     path, overrides = _split_config_args(args.items)
     if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():

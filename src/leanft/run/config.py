@@ -85,17 +85,48 @@ class DropBPConfig:
             raise LeanftError(f"dropbp.{error}") from None
 
 
+FIELDS = ("instruction", "input", "output", "messages")  # what a record holds; columns= maps them
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """``"instruction:question,output:answer"`` -> ``{"instruction": "question", "output": "answer"}``."""
+    mapping: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        field, sep, column = (part.strip() for part in item.partition(":"))
+        if not sep or not column or field not in FIELDS:
+            raise LeanftError(f"columns: {item.strip()!r} is not FIELD:COLUMN with FIELD one of {', '.join(FIELDS)} "
+                              "(e.g. columns=instruction:question,output:answer)")
+        mapping[field] = column
+    return mapping
+
+
+
 @dataclass
 class TrainConfig:
     """Everything ``leanft train`` needs; every field can be set in YAML or as ``key=value``."""
 
     model: str = doc("local HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)", "default")
     data: str = doc(
-        "JSONL file ({instruction,input,output} or {messages}) or a generated task: builtin:dates (= builtin, "
-        "saturates fast) or builtin:arith (multi-step word problems, worked answers, scored on the final number)",
+        "a .jsonl/.json/.parquet/.csv file of {instruction,input,output} or {messages} records, a save_to_disk "
+        "folder, a hub dataset id, or a generated task: builtin:dates (= builtin, saturates fast) or builtin:arith "
+        "(multi-step word problems, worked answers, scored on the final number)",
         "builtin",
     )
-    eval_data: str | None = doc("held-out JSONL; default: the built-in task's held-out split, or 5% of data", None)
+    eval_data: str | None = doc(
+        "held-out data (same forms as data); default: the built-in task's held-out split, eval_split of data, or "
+        "5% of data (the first num_eval examples when streaming)",
+        None,
+    )
+    data_split: str = doc("split to train on, for a saved DatasetDict or a hub dataset", "train")
+    eval_split: str | None = doc("split of data (or of eval_data) to evaluate on, e.g. test", None)
+    columns: str | None = doc(
+        "FIELD:COLUMN pairs naming the dataset's columns for instruction, input, output or messages, e.g. "
+        "instruction:question,output:answer",
+        None,
+    )
+    streaming: bool = doc("read data while training instead of loading it all (data larger than memory)", False)
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc(" | ".join(METHODS), "paca")
     r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
@@ -149,6 +180,15 @@ class TrainConfig:
         """What attaching the run's method needs."""
         return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha)
 
+    def validate_data(self) -> None:
+        """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""
+        task = builtin_task(self.data)  # a LeanftError naming the built-in tasks for an unknown builtin:NAME
+        parse_columns(self.columns)
+        if self.streaming and task is not None:
+            raise LeanftError("streaming=true reads a data file or dataset; built-in tasks are made in memory")
+        if self.streaming and self.packing:
+            raise LeanftError("packing=true needs the whole dataset: turn off streaming or packing")
+
     def validate(self) -> TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
         method = method_spec(self.method)  # a LeanftError naming the methods for an unknown one
@@ -170,7 +210,7 @@ class TrainConfig:
                      "save_total_limit", "logging_steps", "num_train"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
-        builtin_task(self.data)  # a LeanftError naming the built-in tasks for an unknown builtin:NAME
+        self.validate_data()
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:

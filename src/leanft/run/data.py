@@ -1,6 +1,6 @@
-"""Training data: JSONL instruction or chat records -> token ids with prompt-masked labels.
+"""Training data: instruction or chat records -> token ids with prompt-masked labels.
 
-A record is either ``{"instruction", "input" (optional), "output"}`` or ``{"messages": [{"role", "content"}]}``.
+A record (see ``leanft.run.sources``) is ``{"instruction", "input" (optional), "output"}`` or ``{"messages"}``.
 It is rendered with the tokenizer's chat template (a plain ``### Instruction`` / ``### Response`` format when
 the tokenizer has none) and labels are ``-100`` everywhere except on the assistant's tokens, which end with
 the EOS token. The module also holds greedy generation and an accuracy helper (built-in tasks: ``leanft.run.tasks``).
@@ -8,12 +8,8 @@ the EOS token. The module also holds greedy generation and an accuracy helper (b
 
 from __future__ import annotations
 
-import json
-import logging
-import random
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,73 +17,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leanft.core.chunked_loss import IGNORE_INDEX
 from leanft.core.errors import LeanftError
-from leanft.run.tasks import Scorer, builtin_task, same_text
-
-if TYPE_CHECKING:
-    from leanft.run.config import TrainConfig
-
-logger = logging.getLogger(__name__)
+from leanft.run.tasks import Scorer, same_text
 
 Record = dict
 Feature = dict[str, list[int]]
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_jsonl_examples(path: str | Path) -> list[Record]:
-    """Read and validate a JSONL file of instruction or chat records; errors name ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanftError(f"data file {path} does not exist: check the path")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise LeanftError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LeanftError(f"{where}: not valid JSON ({error.msg})") from None
-        problem = validate_record(record)
-        if problem:
-            raise LeanftError(f"{where}: {problem}")
-        records.append(record)
-    if not records:
-        raise LeanftError(f"{path} holds no examples: add one JSON object per line")
-    return records
-
-
-def validate_record(record: object) -> str | None:
-    """Return what is wrong with a record (one short phrase), or ``None`` when it is usable."""
-    if not isinstance(record, dict):
-        return "expected a JSON object"
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return '"messages" must be a non-empty list'
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not all(
-                isinstance(message.get(key), str) for key in ("role", "content")
-            ):
-                return f'messages[{i}] needs string "role" and "content"'
-        roles = [message["role"] for message in messages]
-        if "assistant" not in roles:
-            return "no assistant message to learn from"
-        if roles[0] == "assistant":
-            return "the first message must not be from the assistant"
-        return None
-    for key in ("instruction", "output"):
-        if key not in record:
-            return f'missing "{key}" (or give "messages")'
-    for key in ("instruction", "input", "output"):
-        if key in record and not isinstance(record[key], str):
-            return f'"{key}" must be a string'
-    return None
 
 
 def user_text(record: Record) -> str:
@@ -212,6 +145,31 @@ def tokenize_and_count(
     return (pack_features(kept, max_seq_len) if pack else kept), report
 
 
+class TokenizedStream(torch.utils.data.IterableDataset):
+    """Records tokenized as training reads them (``streaming=true``), pass after pass without end.
+
+    Examples left with no answer are skipped. Each pass over ``records`` is a new epoch (``set_epoch``
+    reshuffles a stream), inside one endless iterator: the Trainer's resume then skips the batches a run has
+    consumed across passes, not only within the current one.
+    """
+
+    def __init__(self, records: Iterable[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> None:
+        self.records, self.tokenizer, self.max_seq_len = records, tokenizer, max_seq_len
+
+    def __iter__(self) -> Iterator[Feature]:
+        for epoch in itertools.count():
+            if hasattr(self.records, "set_epoch"):
+                self.records.set_epoch(epoch)
+            answered = 0
+            for record in self.records:
+                feature = tokenize_example(record, self.tokenizer, self.max_seq_len)
+                if any(label != IGNORE_INDEX for label in feature["labels"]):
+                    answered += 1
+                    yield feature
+            if not answered:
+                raise LeanftError(f"no streamed example keeps an answer token within max_seq_len={self.max_seq_len}")
+
+
 def pack_features(features: Sequence[Feature], block_size: int) -> list[Feature]:
     """Concatenate examples and cut the stream into blocks of ``block_size`` tokens (the last may be short).
 
@@ -301,25 +259,3 @@ def match_rate(predictions: Sequence[str], references: Sequence[str], correct: S
     if not references:
         return 0.0
     return sum(map(correct, predictions, references)) / len(references)
-
-
-def load_records(config: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records) from a built-in task or JSONL files."""
-    task = builtin_task(config.data)
-    if task is not None:
-        return task.generate(config.seed, config.num_train, config.num_eval)
-    records = load_jsonl_examples(config.data)
-    if config.eval_data is not None:
-        held_out = load_jsonl_examples(config.eval_data)
-        if len(held_out) < config.num_eval:
-            logger.warning("%s holds %d examples, fewer than num_eval=%d: evaluating on all of them",
-                           config.eval_data, len(held_out), config.num_eval)
-        return records, held_out[: config.num_eval]
-    if len(records) < 2:
-        raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
-    held = max(1, min(config.num_eval, len(records) // 20))
-    if held < config.num_eval:
-        logger.warning("held out %d of %d examples (5%%), fewer than num_eval=%d: pass eval_data=... for more",
-                       held, len(records), config.num_eval)
-    chosen = set(random.Random(config.seed).sample(range(len(records)), held))  # drawn with the run's seed
-    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import transformers
@@ -37,7 +38,7 @@ from leanft.run.callbacks import (
     trim_metrics,
 )
 from leanft.run.config import TrainConfig
-from leanft.run.data import collate, load_records, tokenize_and_count
+from leanft.run.data import TokenizedStream, collate, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
 from leanft.run.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
@@ -50,6 +51,7 @@ from leanft.run.rundir import (
     resume_checkpoint,
     start_run_dir,
 )
+from leanft.run.sources import load_records
 from leanft.run.trainer import LeanftTrainer, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class RunInputs:
     run_dir: Path
     model: object
     tokenizer: object
-    features: list
+    features: list | TokenizedStream  # a stream with streaming=true
     eval_records: list
     eval_features: list
     data_report: dict  # examples dropped or truncated by tokenization, per split
@@ -73,7 +75,7 @@ def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, col
     settings = config.dropbp
 
     def first(count: int) -> dict:
-        return {key: value.to(device) for key, value in collator(features[:count]).items()}
+        return {key: value.to(device) for key, value in collator(list(islice(features, count))).items()}
 
     auto = settings.rate == "auto"
     return DropBPCallback(
@@ -102,6 +104,8 @@ def claim_run_dir(config: TrainConfig, stack: contextlib.ExitStack) -> Path:
 def report_data_changes(report: dict, max_seq_len: int) -> None:
     """One log line per split that tokenization changed (examples dropped, answers cut, examples over a block)."""
     for split, counts in report.items():
+        if "examples" not in counts:  # a stream: counted only as it is read
+            continue
         changes = [f"{counts[key]} {text}" for key, text in (
             ("dropped", "dropped (no answer token within max_seq_len)"),
             ("truncated", "with the answer cut at max_seq_len"),
@@ -120,7 +124,10 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     logger.info("loading model %s", config.model)
     model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
-    features, train_report = tokenize_and_count(train_records, tokenizer, config.max_seq_len, config.packing)
+    if config.streaming:
+        features, train_report = TokenizedStream(train_records, tokenizer, config.max_seq_len), {"streaming": True}
+    else:
+        features, train_report = tokenize_and_count(train_records, tokenizer, config.max_seq_len, config.packing)
     eval_features, eval_report = tokenize_and_count(eval_records, tokenizer, config.max_seq_len)
     data_report = {"train": train_report, "heldout": eval_report}
     report_data_changes(data_report, config.max_seq_len)

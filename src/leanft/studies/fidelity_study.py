@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 
 from leanft.core.dropbp import check_rate
@@ -105,9 +106,10 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
     from leanft.core.dropbp import apply_dropbp
     from leanft.core.fidelity import answer_tokens, full_gradient, gradient_fidelity
-    from leanft.run.data import collate, load_records, tokenize_dataset
+    from leanft.run.data import collate, tokenize_dataset
     from leanft.run.methods import attach_method
     from leanft.run.models import load_model_and_tokenizer
+    from leanft.run.sources import load_records
 
     model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
     text_config = model.config.get_text_config()
@@ -118,7 +120,7 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     }
     model = attach_method(model, config.method, config.method_settings())
     ctrl = apply_dropbp(model, drop_rate=options.rates[0], seed=config.seed)
-    features = tokenize_dataset(load_records(config)[0][: config.batch_size], tokenizer, config.max_seq_len)
+    features = tokenize_dataset(list(islice(load_records(config)[0], config.batch_size)), tokenizer, config.max_seq_len)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in collate(features, tokenizer.pad_token_id).items()}
     measurements, full = [], full_gradient(ctrl, batch)
