@@ -23,6 +23,7 @@ from torch import nn
 
 from leanft.core.compat import uncompiled
 from leanft.core.errors import LeanftError
+from leanft.core.fused_loss import LEANFT, fused_cross_entropy_sum, select_loss_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,13 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
+    kernel: str = LEANFT,
 ) -> torch.Tensor:
     """Causal-LM loss of ``hidden`` (... x seq x hidden) through the head ``weight`` / ``bias``, chunk by chunk.
 
     Same value and gradients as ``ForCausalLMLoss(F.linear(hidden, weight, bias), labels, ...)``: labels are shifted
     by one, ``-100`` is ignored, the loss is the mean over labelled tokens or the sum / ``num_items_in_batch``.
+    ``kernel`` names a maintained fused kernel to compute it instead (see ``leanft.core.fused_loss``).
     """
     if hidden.shape[:-1] != labels.shape:
         raise LeanftError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
@@ -108,8 +111,12 @@ def linear_cross_entropy(
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    kept_targets = targets.index_select(0, keep)
     with torch.autocast(device_type, enabled=False):
-        total = LinearCrossEntropy.apply(rows, weight, bias, targets.index_select(0, keep), chunk_size)
+        if kernel == LEANFT:
+            total = LinearCrossEntropy.apply(rows, weight, bias, kept_targets, chunk_size)
+        else:
+            total = fused_cross_entropy_sum(kernel, rows, weight, bias, kept_targets)
     if num_items_in_batch is None:
         return total / keep.numel()  # nan without labelled tokens, like the mean of an empty cross-entropy
     if torch.is_tensor(num_items_in_batch):
@@ -166,17 +173,19 @@ def chunked_causal_lm_loss(
     batch: dict[str, torch.Tensor],
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
+    kernel: str = LEANFT,
 ) -> torch.Tensor:
     """The causal-LM loss of ``model`` on ``batch`` (with ``labels``), exactly as the model computes it, chunked.
 
-    Runs the model's forward (hooks such as DropBP's fire as usual) without ever materialising the full logits.
+    Runs the model's forward (hooks such as DropBP's fire as usual) without ever materialising the full logits;
+    ``kernel`` as in ``linear_cross_entropy``.
     """
     if "labels" not in batch:
         raise LeanftError("chunked_causal_lm_loss needs a batch with labels")
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     with hidden_states_as_logits(model) as head:
         hidden = model(**inputs).logits
-    return linear_cross_entropy(hidden, head.weight, batch["labels"], head.bias, num_items_in_batch, chunk_size)
+    return linear_cross_entropy(hidden, head.weight, batch["labels"], head.bias, num_items_in_batch, chunk_size, kernel)
 
 
 def chunked_loss_problem(model: nn.Module, distributed: bool = False) -> str | None:
@@ -218,9 +227,10 @@ class ChunkedLoss:
     with the outputs; outside that block the real logits come in and the plain loss is computed.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, kernel: str = "auto") -> None:
         self.head = output_head(model)
         self.chunk_size = chunk_size
+        self.kernel = select_loss_kernel(kernel, self.head.weight.device.type, head_bias=self.head.bias is not None)
         self.active = False
 
     @contextlib.contextmanager
@@ -238,16 +248,25 @@ class ChunkedLoss:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if self.active:
             head = self.head
-            return linear_cross_entropy(logits, head.weight, labels, head.bias, num_items_in_batch, self.chunk_size)
+            return linear_cross_entropy(
+                logits, head.weight, labels, head.bias, num_items_in_batch, self.chunk_size, self.kernel
+            )
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)
 
 
-def chunked_loss_for(model: nn.Module, distributed: bool = False, chunk_size: int | None = None) -> ChunkedLoss | None:
-    """A ``ChunkedLoss`` for training ``model``, or None (logged, with the reason) where its head does not allow."""
+def chunked_loss_for(
+    model: nn.Module, distributed: bool = False, chunk_size: int | None = None, kernel: str = "auto"
+) -> ChunkedLoss | None:
+    """A ``ChunkedLoss`` for training ``model``, or None (logged, with the reason) where its head does not allow.
+
+    ``kernel`` picks the implementation (``leanft.core.fused_loss.LOSS_KERNELS``); the choice is logged.
+    """
     problem = chunked_loss_problem(model, distributed)
     if problem is not None:
         logger.info("chunked loss off, the plain LM loss is used: %s", problem)
         return None
-    return ChunkedLoss(model, chunk_size)
+    loss = ChunkedLoss(model, chunk_size, kernel)
+    logger.info("LM-head loss: %s", "leanft's chunked loss" if loss.kernel == LEANFT else loss.kernel)
+    return loss

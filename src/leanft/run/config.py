@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from transformers.trainer_utils import SchedulerType
 
@@ -16,6 +17,7 @@ from leanft.core.allocate import ALLOCATIONS
 from leanft.core.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
+from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
@@ -152,6 +154,11 @@ class TrainConfig:
         "LM head + cross-entropy over token chunks, never the full logits (exact; off where the head does not allow)",
         True,
     )
+    loss_kernel: str = doc(
+        " | ".join(LOSS_KERNELS) + ": the chunked loss's implementation; auto = cut-cross-entropy, else liger-kernel, "
+        "on CUDA where installed, else leanft's own",
+        "auto",
+    )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
     bf16: str = doc("auto | true | false: bf16 mixed precision (auto = on where a GPU supports it)", "auto")
@@ -230,6 +237,7 @@ class TrainConfig:
         if self.report_to is not None and importlib.util.find_spec(self.report_to) is None:
             raise LeanftError(f"report_to={self.report_to} needs the {self.report_to} package: "
                               f"pip install {self.report_to}")
+        select_loss_kernel(self.loss_kernel, "cuda" if torch.cuda.is_available() else "cpu")
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         return self

@@ -190,6 +190,7 @@ def build_trainer(
         data_collator=collator,
         callbacks=[*named.values(), *extra_callbacks],
         chunked_loss=config.chunked_loss and not config.fsdp,
+        loss_kernel=config.loss_kernel,
         method=config.method,
         keep_checkpoints=config.save_total_limit,
         extra_metrics=functools.partial(run_metrics, named["log"], controller),

@@ -24,19 +24,21 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
 
     ``chunked_loss=True`` computes the training loss with ``leanft.core.chunked_loss`` (same value and gradients, never
     the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
-    gradient-accumulation and multi-process token counting apply unchanged.
+    gradient-accumulation and multi-process token counting apply unchanged. ``loss_kernel`` picks its
+    implementation: ``auto`` (a maintained fused kernel on CUDA where installed), ``leanft``, ``cut-cross-entropy``
+    or ``liger-kernel``.
     """
 
     def __init__(
-        self, *args, chunked_loss: bool = False, method: str | None = None, keep_checkpoints: int | None = None,
-        extra_metrics=None, **kwargs,
+        self, *args, chunked_loss: bool = False, loss_kernel: str = "auto", method: str | None = None,
+        keep_checkpoints: int | None = None, extra_metrics=None, **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
         self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
         self.extra_metrics = extra_metrics  # () -> {name: value} added to every training log
         spec = method_spec(method) if method is not None else None
         self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
-        self.chunked = chunked_loss_for(model, world_size() > 1) if chunked_loss else None
+        self.chunked = chunked_loss_for(model, world_size() > 1, kernel=loss_kernel) if chunked_loss else None
         if self.chunked is not None and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.chunked
         with accepted_as_adapter(model, has_adapter=bool(paca_modules(model))):  # a 4-bit base with QPaCA layers
