@@ -56,15 +56,17 @@ def short_summary(summary: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Run ``leanft eval``: held-out loss, perplexity and accuracy (a built-in task's scorer, else exact match)."""
+    """Run ``leanft eval``: held-out loss, perplexity and accuracy, or lm-eval tasks with ``lm_eval=TASKS``."""
     from leanft.run.config import load_config
-    from leanft.run.data import tokenize_dataset
-    from leanft.run.evaluate import eval_options, evaluate
+    from leanft.run.lm_eval_tasks import LmEvalOptions, load_tasks, run_tasks
     from leanft.run.models import load_model_and_tokenizer
+    from leanft.run.options import apply_items, split_items
     from leanft.run.rundir import RUN_CONFIG_FILE, load_run
-    from leanft.run.sources import load_records
 
-    path, overrides = _split_config_args(args.items)
+    path, items = _split_config_args(args.items)
+    own, overrides = split_items(LmEvalOptions, items)
+    options = apply_items(LmEvalOptions(), own, "eval")
+    tasks = load_tasks(options) if options.lm_eval is not None else None  # before any model loads
     if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():
         model, tokenizer, config = load_run(path, overrides=overrides)  # overrides checked before loading
     elif path is not None:
@@ -72,11 +74,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         config = load_config(None, overrides)
         model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    if tasks is not None:
+        print(json.dumps({"lm_eval": run_tasks(model, tokenizer, tasks, options)}, indent=2))
+        return 0
+    print(json.dumps(heldout_report(model, tokenizer, config), indent=2))
+    return 0
+
+
+def heldout_report(model, tokenizer, config) -> dict:
+    """``leanft eval``'s own report: held-out loss, perplexity and accuracy on the config's held-out data."""
+    from leanft.run.data import tokenize_dataset
+    from leanft.run.evaluate import eval_options, evaluate
+    from leanft.run.sources import load_records
+
     _, records = load_records(config)
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
-    report = evaluate(model, tokenizer, records, features, **eval_options(config))
-    print(json.dumps({**report, "num_eval": len(records)}, indent=2))
-    return 0
+    return {**evaluate(model, tokenizer, records, features, **eval_options(config)), "num_eval": len(records)}
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -160,6 +173,7 @@ def _add_keys_command(
 def build_parser() -> argparse.ArgumentParser:
     """The ``leanft`` argument parser with its sub-commands."""
     from leanft.run.config import config_help
+    from leanft.run.lm_eval_tasks import LmEvalOptions
     from leanft.run.options import options_help
     from leanft.studies.bench_options import BenchOptions
     from leanft.studies.compare import CompareOptions
@@ -173,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "leanft train [CONFIG.yaml] [key=value ...]", ["config keys (YAML or key=value):", *train_keys],
                       cmd_train)
 
-    evaluate = commands.add_parser("eval", help="held-out loss / perplexity / accuracy of a run or base model")
-    evaluate.add_argument("items", nargs="*", metavar="RUN_DIR | key=value")
-    evaluate.set_defaults(func=cmd_eval)
+    _add_keys_command(commands, "eval", "held-out loss / perplexity / accuracy of a run or model, or lm-eval tasks",
+                      "leanft eval [RUN_DIR] [key=value ...]  (evaluation keys of `leanft train`, plus those below)",
+                      ["lm-eval keys:", *options_help(LmEvalOptions)], cmd_eval, "RUN_DIR | key=value")
 
     merge = commands.add_parser("merge", help="write a standalone HF model with the adapter merged in")
     merge.add_argument("run_dir")
