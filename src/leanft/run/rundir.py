@@ -124,12 +124,17 @@ def clear_newer_checkpoints(run_dir: Path, resume_from: Path) -> None:
 
 def fresh_output_dir(folder: Path, overwrite: bool, what: str) -> None:
     """Refuse a file, or a non-empty folder unless ``overwrite`` (then the folder is emptied)."""
-    if folder.exists() and not folder.is_dir():
-        raise LeanftError(f"output_dir {folder} is a file: pass a folder")
+    refuse_a_file(folder)
     if _content(folder):
         if not overwrite:
             raise LeanftError(f"{folder} {what}: pass overwrite=true or choose another output_dir")
         shutil.rmtree(folder)
+
+
+def refuse_a_file(folder: Path) -> None:
+    """One line when the ``output_dir`` given names a file."""
+    if folder.exists() and not folder.is_dir():
+        raise LeanftError(f"output_dir {folder} is a file: pass a folder")
 
 
 def default_output_dir(name: str) -> Path:
@@ -218,8 +223,7 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     if config.output_dir is None:
         return default_output_dir(config.method)
     run_dir = Path(config.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LeanftError(f"output_dir {run_dir} is a file: pass a folder")
+    refuse_a_file(run_dir)
     has_content = bool(_content(run_dir))
     if config.resume:
         found, skipped = resume_checkpoint(run_dir)

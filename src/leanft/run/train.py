@@ -224,10 +224,10 @@ def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):
 
 
 def summarise(
-    config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict, int], wall: float
+    inputs: RunInputs, config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict], wall: float
 ) -> dict:
-    """The run's ``summary.json``; ``results`` are (held-out metrics before, after, number of held-out examples)."""
-    before, after, num_eval = results
+    """The run's ``summary.json``; ``results`` are the held-out metrics (before, after)."""
+    before, after = results
     curve, dropbp = named.get("curve"), named.get("dropbp")
     return {
         "method": config.method,
@@ -244,8 +244,10 @@ def summarise(
         "accuracy_after": after["accuracy"],
         "heldout_loss_before": before["loss"],
         "heldout_loss_after": after["loss"],
-        "num_eval": num_eval,
+        "num_eval": len(inputs.eval_records),
         "heldout_curve": curve.points if curve is not None else [],
+        "data": inputs.data_report,
+        "run_dir": str(inputs.run_dir),
     }
 
 
@@ -286,8 +288,7 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
     after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features, loss=final_loss,
                      desc="final evaluation", **eval_options(config))
-    summary = summarise(config, trainer, controller, named, (before, after, len(inputs.eval_records)), wall)
-    summary["data"], summary["run_dir"] = inputs.data_report, str(inputs.run_dir)
+    summary = summarise(inputs, config, trainer, controller, named, (before, after), wall)
     title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
     plot_loss_curve(inputs.run_dir, title=title)
     write_json(inputs.run_dir / SUMMARY_FILE, summary)
