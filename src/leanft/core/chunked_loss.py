@@ -104,8 +104,12 @@ def linear_cross_entropy(
     if chunk_size < 1:
         raise LeanftError(f"chunk_size must be >= 1, got {chunk_size}")
     device_type = hidden.device.type
+    dtype = None
     if torch.is_autocast_enabled(device_type):  # the head would run in the autocast dtype: do the same
         dtype = torch.get_autocast_dtype(device_type)
+    elif hidden.dtype != weight.dtype:  # the model ran under autocast and the loss runs outside it (Trainer)
+        dtype = min(hidden.dtype, weight.dtype, key=lambda kind: torch.finfo(kind).bits)
+    if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 
@@ -102,3 +103,8 @@ def unpack_4bit_for_cpu(weight, state) -> tuple:
 def uncompiled(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile`` wrapper (itself when not compiled)."""
     return getattr(model, "_orig_mod", model)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch's CPU backend detects."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

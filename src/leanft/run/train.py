@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
@@ -30,6 +31,7 @@ from leanft.core.distributed import (
 )
 from leanft.core.dropbp import DropBP
 from leanft.core.fileio import atomic_dir, write_json
+from leanft.core.precision import trainable_in_fp32
 from leanft.run.callbacks import (
     HeldoutCurveCallback,
     InterruptCallback,
@@ -52,7 +54,7 @@ from leanft.run.rundir import (
     start_run_dir,
 )
 from leanft.run.sources import load_records
-from leanft.run.trainer import LeanftTrainer, training_arguments
+from leanft.run.trainer import LeanftTrainer, training_arguments, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
     logger.info("loading model %s", config.model)
-    model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    dtype = torch.bfloat16 if use_bf16(config) and not config.quantize else torch.float32  # 4-bit: its own
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, quantize=config.quantize)
     method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
     if config.streaming:
         features, train_report = TokenizedStream(train_records, tokenizer, config.max_seq_len), {"streaming": True}
@@ -168,6 +171,8 @@ def build_trainer(
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
     model = attach_method(inputs.model, config.method, config.method_settings())
+    if use_bf16(config):
+        trainable_in_fp32(model)  # fp32 master copies and optimizer state; the frozen base stays bf16
     controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

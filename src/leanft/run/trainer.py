@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
 from leanft.core.errors import LeanftError
 from leanft.core.paca import paca_modules
+from leanft.core.precision import bf16_supported
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
 from leanft.run.rundir import disk_is_full, mark_complete, resume_checkpoint, rotate_checkpoints
+
+logger = logging.getLogger(__name__)
 
 
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
@@ -94,9 +98,11 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
 
 
 def use_bf16(config: TrainConfig) -> bool:
-    """bf16 mixed precision: on when asked, or with 'auto' where a GPU supports it."""
+    """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where a GPU supports it."""
     if config.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16_supported("cuda")
+    if config.bf16 == "true" and not bf16_supported("cuda" if torch.cuda.is_available() else "cpu"):
+        logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
     return config.bf16 == "true"
 
 
@@ -107,6 +113,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
     its own pattern); the examples of a step and the effective batch stay the same.
     """
     micro = config.dropbp.patterns_per_step if dropbp_on else 1
+    bf16 = use_bf16(config)
     return TrainingArguments(
         output_dir=str(run_dir),
         max_steps=config.max_steps,
@@ -121,7 +128,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         save_total_limit=None,  # LeanftTrainer rotates, and only once the new checkpoint is complete
         seed=config.seed,
         data_seed=config.seed,
-        bf16=use_bf16(config),
+        bf16=bf16,
         report_to=config.report_to or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -129,6 +136,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=True if dropbp_on else None,
         ddp_timeout=config.ddp_timeout,
-        use_cpu=not torch.cuda.is_available() and world_size() > 1,  # else accelerate runs no DDP on CPU
+        # else accelerate runs no DDP, and refuses bf16, on a CPU
+        use_cpu=not torch.cuda.is_available() and (world_size() > 1 or bf16),
         save_only_model=config.fsdp,  # transformers checkpoints no optimizer state of a model sharded by us
     )

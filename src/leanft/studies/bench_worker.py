@@ -26,6 +26,7 @@ from torch import nn
 
 from leanft.core.chunked_loss import chunked_causal_lm_loss
 from leanft.core.dropbp import DropBP, apply_dropbp
+from leanft.core.precision import trainable_in_fp32
 from leanft.run import models
 from leanft.run.config import TrainConfig
 from leanft.run.methods import METHODS, QUANTIZED_FORMS, attach_method
@@ -157,6 +158,9 @@ class Trainee:
         model = load_model(case.model, dtype, case.device, quantize=case.base in QUANTIZED_FORMS)
         vocab_size = model.config.vocab_size
         self.model = apply_method(model, case.base, case.r, case.seed)
+        self.autocast = dtype if dtype != torch.float32 else None  # as leanft train: fp32 trainables, 16-bit base
+        if self.autocast is not None:
+            trainable_in_fp32(self.model)
         self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=case.lr)
@@ -176,7 +180,9 @@ class Trainee:
         return self.controller.forced([True] * len(self.controller.branches)) if floor else contextlib.nullcontext()
 
     def _train_step(self, rate: float, floor: bool, index: int, chunked: bool = False) -> float:
-        with self._pattern(rate, floor, index):
+        device_type = torch.device(self.case.device).type
+        autocast = torch.autocast(device_type, self.autocast) if self.autocast else contextlib.nullcontext()
+        with self._pattern(rate, floor, index), autocast:
             loss = chunked_causal_lm_loss(self.model, self.batch) if chunked else self.model(**self.batch).loss
             loss.backward()
         self.optimizer.step()
