@@ -63,3 +63,33 @@ def test_a_bf16_run_trains_fp32_columns_on_a_bf16_base_and_saves_them(model_dir,
     saved = next((run_dir / "adapter").glob("*.safetensors"))
     weights = [t for t in load_file(saved).values() if t.is_floating_point()]
     assert weights and all(t.dtype == torch.float32 for t in weights)
+
+
+@pytest.mark.parametrize("setting", ["false", "auto"])
+def test_bf16_false_keeps_the_fp32_path_and_auto_follows_the_hardware(model_dir, data_file, tmp_path, setting):
+    from leanft.run.config import load_config
+    from leanft.run.train import build_trainer, load_inputs
+
+    config = load_config(None, run_args(model_dir, data_file, tmp_path / "run", f"bf16={setting}")[1:])
+    inputs = load_inputs(config, tmp_path / "run")
+    trainer, _, _ = build_trainer(inputs, config, [])
+    on = setting == "auto" and bf16_supported("cpu")
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16 if on else torch.float32}
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    assert trainer.args.bf16 is on
+
+
+def test_merge_writes_the_dtype_asked_for(model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, data_file, run_dir, "bf16=true", "max_steps=2", "lr=0.05")) == 0
+    assert main(["merge", str(run_dir), str(tmp_path / "fp32")]) == 0
+    assert main(["merge", str(run_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype="auto")
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a.to(torch.bfloat16), rtol=0, atol=0, msg=name)

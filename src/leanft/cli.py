@@ -94,6 +94,8 @@ def heldout_report(model, tokenizer, config) -> dict:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Run ``leanft merge RUN_DIR OUT_DIR``: a standalone HF model folder with the adapter merged in."""
+    import torch
+
     from leanft.core.fileio import atomic_dir
     from leanft.run.methods import method_spec
     from leanft.run.rundir import load_run
@@ -106,7 +108,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
     model, tokenizer, config = load_run(args.run_dir, device="cpu")
-    plain = method_spec(config.method).merge(model)
+    plain = method_spec(config.method).merge(model).to(getattr(torch, args.dtype))  # merged in fp32, then cast
     with atomic_dir(out_dir) as folder:
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir")
     merge.add_argument("out_dir")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="the dtype of the written weights (merged in float32 first)")
     merge.set_defaults(func=cmd_merge)
 
     generate = commands.add_parser("generate", help="answer a prompt with a tuned model")

@@ -161,7 +161,11 @@ class TrainConfig:
     )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
-    bf16: str = doc("auto | true | false: bf16 mixed precision (auto = on where a GPU supports it)", "auto")
+    bf16: str = doc(
+        "auto | true | false: bf16 compute on a bf16 frozen base, trained parameters and optimizer state in fp32 "
+        "(auto = on where the device computes bf16 natively: CUDA with bf16, CPUs with AVX-512 BF16 or AMX)",
+        "auto",
+    )
     seed: int = doc("seed of data order, PaCA columns and DropBP patterns", 0)
     num_train: int = doc("built-in task: training examples", 2000)
     num_eval: int = doc("held-out examples for exact-match accuracy", 100)

@@ -98,10 +98,11 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
 
 
 def use_bf16(config: TrainConfig) -> bool:
-    """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where a GPU supports it."""
+    """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device computes it natively."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if config.bf16 == "auto":
-        return bf16_supported("cuda")
-    if config.bf16 == "true" and not bf16_supported("cuda" if torch.cuda.is_available() else "cpu"):
+        return bf16_supported(device_type)
+    if config.bf16 == "true" and not bf16_supported(device_type):
         logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
     return config.bf16 == "true"
 
