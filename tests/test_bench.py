@@ -158,20 +158,34 @@ def test_peaks_are_measured_per_fresh_process_and_grow_with_the_batch():
 def test_quick_run_end_to_end(tmp_path, capsys):
     plan = parse_bench_options([
         "quick=true", "device=cpu", "bases=lora,paca", "rates=0.5", "rounds=2", "max_len_methods=paca+dropbp0.5",
-        "len_step=64", f"out={tmp_path}",
+        "len_step=64", f"out={tmp_path}", "dtype=bfloat16",
     ])
     lines = []
     assert bench.run_bench(plan, progress=lines.append) == 0
     table = capsys.readouterr().out
     assert "| PaCA + DropBP 0.5 |" in table and "issue" not in table.lower()
-    assert any(line.startswith("[memory 6/6] PaCA floor") for line in lines)
+    assert "time × LoRA fp32" in table and "float32 (transformers' default)" in table
+    assert any(line.startswith("[memory 7/7] PaCA floor") for line in lines)
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {row["key"]: row for row in report["rows"]}
-    assert set(rows) == {"lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"}
+    assert set(rows) == {"lora@float32", "lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"}
     assert all(len(report["timing"][key]) == 2 for key in rows)
     assert rows["lora"]["time_ratio"] == 1.0 and rows["paca+floor"]["dropped"] == 1.0
+    assert rows["lora@float32"]["time_vs_peer"] == 1.0 and rows["paca"]["time_vs_peer"] > 0
+    assert rows["lora@float32"]["peak"] > 0 and rows["paca"]["peak_vs_peer"] > 0
     assert rows["paca+dropbp0.5"]["max_len"] > 0 and rows["lora"]["max_len"] is None
     assert (tmp_path / "bench_time_memory.png").stat().st_size > 0 and (tmp_path / "bench_throughput.png").exists()
+
+
+def test_the_bench_dtype_follows_the_hardware_as_train_does_and_the_fp32_peer_joins_a_16_bit_bench():
+    from leanft.core.precision import bf16_supported
+
+    plan = parse_bench_options(["quick=true", "device=cpu", "bases=lora,paca"])
+    assert plan.dtype == ("bfloat16" if bf16_supported("cpu") else "float32")
+    assert [m.key for m in parse_bench_options(["device=cpu", "dtype=bfloat16"]).methods][:2] == [
+        "lora@float32", "lora"]
+    assert "lora@float32" not in [m.key for m in parse_bench_options(["device=cpu", "dtype=float32"]).methods]
+    assert "lora@float32" not in [m.key for m in parse_bench_options(["dtype=bfloat16", "peer=false"]).methods]
 
 
 def test_the_bench_attaches_each_method_as_train_does():

@@ -111,7 +111,8 @@ def worker_context():
 
 def measure_memory(context, plan: BenchPlan, method: Method, seq_len: int) -> dict:
     """Peak memory of one step of ``method`` at ``seq_len`` in a fresh worker (``oom`` set if it ran out)."""
-    case = replace(plan.case, base=method.base, seq_len=seq_len, dropbp=method.uses_dropbp, release_memory=True)
+    case = replace(plan.case, base=method.base, seq_len=seq_len, dropbp=method.uses_dropbp, release_memory=True,
+                   dtype=method.dtype or plan.case.dtype)
     try:
         with Worker(context, case, plan.timeout) as worker:
             reply = worker.call(
@@ -162,22 +163,24 @@ def run_timing(
 ) -> dict[str, list[dict]]:
     """Phase 2: all base models loaded at once, stepped in rounds; returns the timed steps of each method."""
     bases = [base for base in BASES if any(method.base == base for method in methods)]
-    order = sorted(methods, key=lambda m: (m.floor, m.rate, bases.index(m.base)))
+    order = sorted(methods, key=lambda m: (m.floor, m.rate, bases.index(m.base), m.dtype or ""))
+    kinds = list(dict.fromkeys((method.base, method.dtype) for method in order))  # one worker per (base, dtype)
     timing: dict[str, list[dict]] = {method.key: [] for method in methods}
-    workers: dict[str, Worker] = {}
+    workers: dict[tuple[str, str | None], Worker] = {}
     try:
-        for base in bases:
-            workers[base] = Worker(context, replace(plan.case, base=base, dropbp=True), plan.timeout)
+        for base, dtype in kinds:
+            case = replace(plan.case, base=base, dtype=dtype or plan.case.dtype, dropbp=True)
+            workers[(base, dtype)] = Worker(context, case, plan.timeout)
         started = time.perf_counter()
         warm = [method for method in order if not method.uses_dropbp]  # first steps allocate and fault pages in
         for index in range(plan.warmup):
             for method in warm:
-                workers[method.base].call("step", index=index, chunked=method.chunked)
+                workers[(method.base, method.dtype)].call("step", index=index, chunked=method.chunked)
         progress(f"[timing warm-up] {plan.warmup * len(warm)} steps in {time.perf_counter() - started:.1f} s")
         for index in plan.timed_indices:
             started = time.perf_counter()
             for method in order:
-                step = workers[method.base].call(
+                step = workers[(method.base, method.dtype)].call(
                     "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
                 )
                 timing[method.key].append(step)

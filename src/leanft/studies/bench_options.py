@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 
 from leanft.core.errors import LeanftError
+from leanft.core.precision import bf16_supported
 from leanft.run.options import apply_items, doc
-from leanft.studies.bench_report import Method, build_methods, parse_method_keys
+from leanft.studies.bench_report import PEER_DTYPE, Method, build_methods, parse_method_keys
 from leanft.studies.bench_worker import BASES, TINY_MODEL, Case
 
 DEFAULT_MAX_LEN = "lora,full,paca,lora+dropbp0.5,paca+dropbp0.5"
@@ -39,7 +40,12 @@ class BenchOptions:
     len_step: int | None = doc("granularity of the length search; null = seq_len / 8", None)
     max_len_cap: int | None = doc("longest length probed; null = 8 x seq_len", None)
     device: str | None = doc("cpu or cuda; null = cuda where available", None)
-    dtype: str | None = doc(f"one of {', '.join(DTYPES)}; null = float32 on a CPU, bfloat16 on a GPU", None)
+    dtype: str | None = doc(
+        f"one of {', '.join(DTYPES)}; null = bfloat16 where the device computes it natively (as train's bf16=auto), "
+        "else float32",
+        None,
+    )
+    peer: bool = doc("if dtype is not float32, also time peft LoRA in float32, as transformers' defaults run it", True)
     threads: int | None = doc("torch CPU threads per worker; null = all cores (quick: 1)", None)
     seed: int = doc("seed of the batch, the method set-up and the drop patterns", 0)
     timeout: float = doc("seconds to wait for one worker reply", 900.0)
@@ -113,7 +119,7 @@ def resolve(options: BenchOptions) -> BenchPlan:
         options,
         model=options.model or (TINY_MODEL if quick else "default"),
         device=options.device or ("cuda" if gpu else "cpu"),
-        dtype=options.dtype or ("bfloat16" if gpu else "float32"),
+        dtype=options.dtype or ("bfloat16" if bf16_supported("cuda" if gpu else "cpu") else "float32"),
         batch=options.batch or (2 if quick else 8 if gpu else 4),
         seq_len=options.seq_len or (128 if quick else 1024 if gpu else 256),
         threads=options.threads or (1 if quick else None),  # a tiny model's small ops gain nothing from more
@@ -121,7 +127,8 @@ def resolve(options: BenchOptions) -> BenchPlan:
     )
     filled.len_step = filled.len_step or max(8, filled.seq_len // 8)
     filled.max_len_cap = filled.max_len_cap or 8 * filled.seq_len
-    methods = build_methods(bases, _parse_rates(options.rates), chunked=options.chunked)
+    peer = options.peer and filled.dtype != PEER_DTYPE
+    methods = build_methods(bases, _parse_rates(options.rates), chunked=options.chunked, peer=peer)
     try:
         searched = parse_method_keys(filled.max_len_methods, methods)
     except ValueError as error:

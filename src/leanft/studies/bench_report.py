@@ -26,23 +26,27 @@ def _labels() -> tuple[dict[str, str], dict[str, str]]:
 
 BASE_LABELS, SHORT_LABELS = _labels()
 BASELINE = "lora"
+PEER_DTYPE = "float32"  # what a user gets from peft + transformers with no dtype set
+PEER = f"{BASELINE}@{PEER_DTYPE}"  # the key of that row
 MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Method:
     """One row of the benchmark: a base method, optionally with DropBP at ``rate`` or with every branch dropped,
-    optionally with the chunked loss (``leanft.core.chunked_loss``)."""
+    optionally with the chunked loss (``leanft.core.chunked_loss``), optionally in its own ``dtype`` (else the
+    bench's)."""
 
     base: str
     rate: float = 0.0
     floor: bool = False
     chunked: bool = False
+    dtype: str | None = None
 
     @property
     def key(self) -> str:
         """Stable identifier, e.g. ``paca``, ``paca+dropbp0.5``, ``paca+floor``, ``qpaca+dropbp0.5+chunked``."""
-        suffix = "+chunked" if self.chunked else ""
+        suffix = ("+chunked" if self.chunked else "") + (f"@{self.dtype}" if self.dtype else "")
         if self.floor:
             return f"{self.base}+floor{suffix}"
         return (f"{self.base}+dropbp{self.rate:g}" if self.rate else self.base) + suffix
@@ -51,6 +55,8 @@ class Method:
     def label(self) -> str:
         """Human-readable name for tables and charts."""
         chunked = " + chunked loss" if self.chunked else ""
+        if self.dtype:
+            return f"{BASE_LABELS[self.base]}, {self.dtype} (transformers' default)"
         if self.floor:
             return f"{SHORT_LABELS[self.base]} floor (all dropped){chunked}"
         if self.rate:
@@ -63,15 +69,19 @@ class Method:
         return self.floor or self.rate > 0
 
 
-def build_methods(bases: Sequence[str], rates: Sequence[float], chunked: bool = False) -> list[Method]:
-    """Table order: plain methods, then each base with DropBP at every rate, then each base's floor; with
-    ``chunked``, then every one of those but the floors again with the chunked loss."""
-    methods = [Method(base) for base in bases]
+def build_methods(
+    bases: Sequence[str], rates: Sequence[float], chunked: bool = False, peer: bool = False
+) -> list[Method]:
+    """Table order: (with ``peer``, LoRA in float32 first), plain methods, then each base with DropBP at every
+    rate, then each base's floor; with ``chunked``, then every one of those but the floors again with the
+    chunked loss."""
+    methods = [Method(BASELINE, dtype=PEER_DTYPE)] if peer else []
+    methods += [Method(base) for base in bases]
     methods += [Method(base, rate) for base in bases for rate in rates]
     if rates:
         methods += [Method(base, floor=True) for base in bases]
     if chunked:
-        methods += [Method(m.base, m.rate, chunked=True) for m in methods if not m.floor]
+        methods += [Method(m.base, m.rate, chunked=True) for m in methods if not (m.floor or m.dtype)]
     return methods
 
 
@@ -131,8 +141,9 @@ def summarize(
     max_len: dict[str, dict],
     tokens_per_step: int,
 ) -> list[dict]:
-    """One row per method: medians, ratios to LoRA, cost-model check, memory and max-length figures."""
-    base_steps = timing.get(BASELINE, [])
+    """One row per method: medians, ratios to LoRA (same dtype; and to LoRA in float32 where that row ran),
+    cost-model check, memory and max-length figures."""
+    base_steps, peer_steps = timing.get(BASELINE, []), timing.get(PEER, [])
     base_memory = memory.get(BASELINE, {})
     base_len = max_len.get(BASELINE, {}).get("max_len")
     rows = []
@@ -149,18 +160,20 @@ def summarize(
             "step_s": seconds,
             "tokens_per_s": tokens_per_step / seconds if seconds else None,
             "time_ratio": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in base_steps]),
+            "time_vs_peer": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in peer_steps]),
             "cpu_s": median_or_none([s.get("cpu_seconds") for s in steps]),  # process CPU time (see bench_worker)
             "dropped": statistics.fmean(s["dropped"] for s in steps) if steps else None,
             "vs_interp": None,
             "peak": mem.get("peak"),
             "peak_ratio": ratio(mem.get("peak"), base_memory.get("peak")),
+            "peak_vs_peer": ratio(mem.get("peak"), memory.get(PEER, {}).get("peak")),
             "train_peak": mem.get("train_peak"),
             "saved": mem.get("saved"),
             "mem_dropped": mem.get("dropped"),
             "max_len": max_len.get(method.key, {}).get("max_len"),
             "len_ratio": ratio(max_len.get(method.key, {}).get("max_len"), base_len),
         }
-        if method.rate and not method.floor and not method.chunked:
+        if method.rate and not method.floor and not method.chunked and not method.dtype:
             row["vs_interp"] = interpolation_ratio(
                 steps, timing.get(method.base, []), timing.get(Method(method.base, floor=True).key, [])
             )
@@ -179,10 +192,12 @@ COLUMNS: tuple[Column, ...] = (
     ("step (s)", lambda r: fmt(r["step_s"], ".3f")),
     ("tokens/s", lambda r: fmt(r["tokens_per_s"], ",.0f")),
     ("time × LoRA", lambda r: fmt(r["time_ratio"], ".2f", "x")),
+    ("time × LoRA fp32", lambda r: fmt(r["time_vs_peer"], ".2f", "x")),
     ("dropped", lambda r: fmt(r["dropped"], ".2f") if r["rate"] or r["floor"] else "–"),
     ("vs interp.", lambda r: fmt(r["vs_interp"], ".2f", "x")),
     ("peak (MiB)", lambda r: fmt(None if r["peak"] is None else r["peak"] / MIB, ",.0f")),
     ("peak × LoRA", lambda r: fmt(r["peak_ratio"], ".2f", "x")),
+    ("peak × LoRA fp32", lambda r: fmt(r["peak_vs_peer"], ".2f", "x")),
     ("train peak (MiB)", lambda r: fmt(None if r["train_peak"] is None else r["train_peak"] / MIB, ",.0f")),
     ("saved for bwd (MiB)", lambda r: fmt(None if r["saved"] is None else r["saved"] / MIB, ",.0f")),
     ("max len", lambda r: fmt(r["max_len"], "d")),
@@ -191,5 +206,7 @@ COLUMNS: tuple[Column, ...] = (
 
 
 def render_table(rows: Sequence[dict]) -> str:
-    """The markdown table of all methods (``–`` where a figure was not measured)."""
-    return markdown_table(COLUMNS, rows)
+    """The markdown table of all methods (``–`` where a figure was not measured); "× LoRA" is LoRA in the bench's
+    dtype, "× LoRA fp32" (only when that row ran) LoRA as transformers' defaults run it."""
+    peer = any(row.get("time_vs_peer") is not None or row.get("peak_vs_peer") is not None for row in rows)
+    return markdown_table([c for c in COLUMNS if peer or "fp32" not in c[0]], rows)
