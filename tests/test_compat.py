@@ -82,6 +82,15 @@ def test_compiled_modules_keep_the_original():
     assert compat.uncompiled(linear) is linear
 
 
+def test_cpu_bf16_detection_and_the_donated_buffer_switch_exist():
+    import torch._functorch.config
+
+    assert isinstance(compat.cpu_has_bf16_matmul(), bool)
+    assert isinstance(torch._functorch.config.donated_buffer, bool)
+    compat.allow_retained_graphs_in_compiled_code()
+    assert torch._functorch.config.donated_buffer is False
+
+
 def test_pyproject_lower_bounds_are_the_tested_versions():
     """Each pinned dependency's lower bound is the installed (tested) version's major.minor."""
     text = PYPROJECT.read_text()

@@ -108,3 +108,13 @@ def uncompiled(model: nn.Module) -> nn.Module:
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch's CPU backend detects."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def allow_retained_graphs_in_compiled_code() -> None:
+    """Let compiled backward passes run with ``retain_graph=True`` (DropBP's allocation measures so).
+
+    AOTAutograd donates saved buffers to the backward by default, which then refuses a retained graph.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False

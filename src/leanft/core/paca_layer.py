@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def in_place_columns(weight: torch.Tensor) -> bool:
+    """Whether ``P`` is kept written into ``W`` itself: on the CPU, outside ``torch.compile``."""
+    return weight.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def effective_weight(
     weight: torch.Tensor | Callable[[], torch.Tensor], index: torch.Tensor, paca_weight: torch.Tensor
 ) -> torch.Tensor:
@@ -29,7 +34,7 @@ def effective_weight(
     """
     if callable(weight):
         return weight().index_copy_(1, index, paca_weight)
-    if weight.device.type == "cpu" and torch.equal(weight.index_select(1, index), paca_weight):
+    if in_place_columns(weight) and torch.equal(weight.index_select(1, index), paca_weight):
         return weight
     return weight.index_copy(1, index, paca_weight)
 
@@ -111,7 +116,7 @@ class PacaLinear(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.weight.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.disabled or x.device.type == "cpu":  # see effective_weight
+        if self.disabled or in_place_columns(x):  # see effective_weight
             self.write_columns(self.paca_original if self.disabled else self.paca_weight)
         if self.disabled:
             return F.linear(x.to(dtype), self.weight.to(dtype), bias)

@@ -159,6 +159,10 @@ class TrainConfig:
         "on CUDA where installed, else leanft's own",
         "auto",
     )
+    compile: bool = doc(
+        "torch.compile each attention and MLP branch (DropBP patterns cause no recompiles; the first steps compile)",
+        False,
+    )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
     bf16: str = doc(
@@ -230,6 +234,8 @@ class TrainConfig:
             raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
         if self.quantize and method.quantized is None:
             raise LeanftError(f"quantize=4bit freezes the base: use {quantized_forms()}")
+        if self.compile and self.fsdp:
+            raise LeanftError("compile=true is not supported with fsdp=true yet: use one of them")
         if self.quantize and self.fsdp:
             raise LeanftError("quantize=4bit is not supported with fsdp=true")
         if self.quantize:

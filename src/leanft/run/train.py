@@ -21,6 +21,7 @@ import transformers
 from transformers.trainer_callback import PrinterCallback
 
 from leanft.core.callback import DropBPCallback
+from leanft.core.compiled import compile_branches
 from leanft.core.distributed import (
     init_distributed,
     is_main_process,
@@ -173,6 +174,8 @@ def build_trainer(
     model = attach_method(inputs.model, config.method, config.method_settings())
     if use_bf16(config):
         trainable_in_fp32(model)  # fp32 master copies and optimizer state; the frozen base stays bf16
+    if config.compile:
+        compile_branches(model)  # before DropBP, whose wrapper stays outside the compiled branches
     controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
