@@ -28,7 +28,7 @@ def test_methods_keys_labels_and_order():
     assert [m.uses_dropbp for m in methods] == [False, False, True, True, True, True]
     assert build_methods(["full"], []) == [Method("full")]
     assert bench_report.parse_method_keys("paca, lora", methods) == [Method("paca"), Method("lora")]
-    assert bench_report.parse_method_keys("none", methods) == []
+    assert bench_report.parse_method_keys("off", methods) == []
     with pytest.raises(ValueError, match="unknown method"):
         bench_report.parse_method_keys("paca+dropbp0.3", methods)
 
@@ -186,6 +186,11 @@ def test_the_bench_dtype_follows_the_hardware_as_train_does_and_the_fp32_peer_jo
         "lora@float32", "lora"]
     assert "lora@float32" not in [m.key for m in parse_bench_options(["device=cpu", "dtype=float32"]).methods]
     assert "lora@float32" not in [m.key for m in parse_bench_options(["dtype=bfloat16", "peer=false"]).methods]
+
+
+def test_the_length_search_can_be_turned_off():
+    assert parse_bench_options(["quick=true", "max_len_methods=off"]).max_len_methods == []
+    assert parse_bench_options(["quick=true"]).max_len_methods  # the default searches
 
 
 def test_the_bench_attaches_each_method_as_train_does():

@@ -36,7 +36,7 @@ class BenchOptions:
     rounds: int = doc("timed rounds, one step of each method per round; 0 = no timing", 3)
     warmup: int = doc("untimed steps of each model first (the 2nd pays PaCA's one-off copy of mapped weights)", 2)
     mem_budget: str = doc("memory budget of the length search, e.g. 2GB; auto = LoRA's peak at seq_len", "auto")
-    max_len_methods: str | None = doc(f"method keys for the length search, all or none; null = {DEFAULT_MAX_LEN}", None)
+    max_len_methods: str | None = doc(f"method keys for the length search, all, or off; null = {DEFAULT_MAX_LEN}", None)
     len_step: int | None = doc("granularity of the length search; null = seq_len / 8", None)
     max_len_cap: int | None = doc("longest length probed; null = 8 x seq_len", None)
     device: str | None = doc("cpu or cuda; null = cuda where available", None)
@@ -123,7 +123,8 @@ def resolve(options: BenchOptions) -> BenchPlan:
         batch=options.batch or (2 if quick else 8 if gpu else 4),
         seq_len=options.seq_len or (128 if quick else 1024 if gpu else 256),
         threads=options.threads or (1 if quick else None),  # a tiny model's small ops gain nothing from more
-        max_len_methods=options.max_len_methods or (QUICK_MAX_LEN if quick else DEFAULT_MAX_LEN),
+        max_len_methods=options.max_len_methods if options.max_len_methods is not None else (
+            QUICK_MAX_LEN if quick else DEFAULT_MAX_LEN),
     )
     filled.len_step = filled.len_step or max(8, filled.seq_len // 8)
     filled.max_len_cap = filled.max_len_cap or 8 * filled.seq_len

@@ -86,8 +86,8 @@ def build_methods(
 
 
 def parse_method_keys(text: str, methods: Sequence[Method]) -> list[Method]:
-    """Methods named in a comma-separated list of keys (``all`` = every method, ``none`` = no method)."""
-    if text.strip() in ("", "none"):
+    """Methods named in a comma-separated list of keys (``all`` = every method, ``off`` = no method)."""
+    if text.strip() in ("", "off"):
         return []
     by_key = {method.key: method for method in methods}
     if text.strip() == "all":
