@@ -87,7 +87,7 @@ def build_methods(
 
 def parse_method_keys(text: str, methods: Sequence[Method]) -> list[Method]:
     """Methods named in a comma-separated list of keys (``all`` = every method, ``off`` = no method)."""
-    if text.strip() in ("", "off"):
+    if text.strip() in ("", "off", "false"):  # YAML reads a bare off as false
         return []
     by_key = {method.key: method for method in methods}
     if text.strip() == "all":
