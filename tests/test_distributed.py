@@ -26,6 +26,7 @@ from conftest import save_tiny_llama, tiny_batch, tiny_model
 
 import leanft
 from leanft.core.allocate import allocate_rates
+from leanft.core.compiled import compile_branches
 from leanft.core.distributed import (
     anchor_graphless_forwards,
     broadcast_from_main,
@@ -43,7 +44,8 @@ WORLD = 2
 STEPS = 5
 ALLOCATE_BEFORE_STEP = 2
 LR = 0.5
-SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca", "ddp-paca-accum", "fsdp2-paca-accum")
+SCENARIOS = ("ddp-paca", "ddp-lora", "fsdp2-paca", "ddp-paca-accum", "fsdp2-paca-accum", "ddp-paca-compile",
+             "fsdp2-paca-compile")  # -compile: torch.compile'd branches, against the eager reference
 MICRO_BATCHES = {"ddp-paca-accum": 2, "fsdp2-paca-accum": 2}  # per step, else 1
 DROP_EVERY_BRANCH = {(1, 1), (3, 0)}  # (step, micro-batch) with more than one micro-batch: a graph-less loss
 LAUNCH_TIMEOUT_S = 240
@@ -53,7 +55,7 @@ FAILING_RANK = Path(__file__).with_name("failing_rank.py")
 # --------------------------------------------------------------------------- the training both sides run
 
 
-def build(method: str) -> tuple[torch.nn.Module, leanft.DropBP]:
+def build(method: str, compiled: bool = False) -> tuple[torch.nn.Module, leanft.DropBP]:
     """Tiny llama with PaCA or peft LoRA, and DropBP at 0.5 (identical on every rank and in the reference)."""
     model = tiny_model("llama")
     if method == "paca":
@@ -62,6 +64,8 @@ def build(method: str) -> tuple[torch.nn.Module, leanft.DropBP]:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    if compiled:
+        compile_branches(model, backend="aot_eager")  # traced forward and backward, without the C++ compile
     return model, leanft.apply_dropbp(model, drop_rate=0.5, seed=0)
 
 
@@ -106,7 +110,7 @@ def work_equivalence(out: Path) -> None:
     init_distributed(timeout_s=60)
     for scenario in SCENARIOS:
         engine, method = scenario.split("-")[:2]
-        model, ctrl = build(method)
+        model, ctrl = build(method, compiled=scenario.endswith("-compile"))
         if engine == "fsdp2":
             forward = shard_fsdp2(model)
 
