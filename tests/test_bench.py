@@ -188,6 +188,11 @@ def test_the_bench_dtype_follows_the_hardware_as_train_does_and_the_fp32_peer_jo
     assert "lora@float32" not in [m.key for m in parse_bench_options(["dtype=bfloat16", "peer=false"]).methods]
 
 
+def test_compile_reaches_every_worker_case():
+    assert parse_bench_options(["quick=true", "compile=true"]).case.compile is True
+    assert parse_bench_options(["quick=true"]).case.compile is False
+
+
 def test_the_length_search_can_be_turned_off():
     assert parse_bench_options(["quick=true", "max_len_methods=off"]).max_len_methods == []
     assert parse_bench_options(["quick=true"]).max_len_methods  # the default searches

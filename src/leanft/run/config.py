@@ -234,6 +234,8 @@ class TrainConfig:
             raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
         if self.quantize and method.quantized is None:
             raise LeanftError(f"quantize=4bit freezes the base: use {quantized_forms()}")
+        if self.compile and self.quantize:
+            raise LeanftError("compile=true is not supported with quantize=4bit: use one of them")
         if self.quantize and self.fsdp:
             raise LeanftError("quantize=4bit is not supported with fsdp=true")
         if self.quantize:

@@ -176,6 +176,12 @@ def run_timing(
         for index in range(plan.warmup):
             for method in warm:
                 workers[(method.base, method.dtype)].call("step", index=index, chunked=method.chunked)
+        if plan.compile:  # compiled branches compile more graphs where branches are dropped (no grad, gradless input)
+            for index in range(plan.warmup):
+                for method in (m for m in order if m.uses_dropbp):
+                    workers[(method.base, method.dtype)].call(
+                        "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
+                    )
         progress(f"[timing warm-up] {plan.warmup * len(warm)} steps in {time.perf_counter() - started:.1f} s")
         for index in plan.timed_indices:
             started = time.perf_counter()

@@ -32,6 +32,7 @@ class BenchOptions:
     r: int = doc("LoRA rank = PaCA columns per layer", 8)
     bases: str = doc(f"comma-separated base methods, any of {','.join(BASES)}", "lora,full,paca")
     chunked: bool = doc("also run every method with the chunked loss", False)
+    compile: bool = doc("torch.compile each attention and MLP branch, as train's compile=true", False)
     rates: str = doc("comma-separated DropBP rates, each in (0, 1); empty for none", "0.25,0.5,0.75")
     rounds: int = doc("timed rounds, one step of each method per round; 0 = no timing", 3)
     warmup: int = doc("untimed steps of each model first (the 2nd pays PaCA's one-off copy of mapped weights)", 2)
@@ -135,7 +136,7 @@ def resolve(options: BenchOptions) -> BenchPlan:
     except ValueError as error:
         raise LeanftError(f"max_len_methods: {error}") from None
     case = Case(model=filled.model, r=filled.r, batch=filled.batch, seq_len=filled.seq_len, seed=filled.seed,
-                device=filled.device, dtype=filled.dtype, threads=filled.threads or 0)
+                device=filled.device, dtype=filled.dtype, threads=filled.threads or 0, compile=filled.compile)
     timed = list(range(filled.warmup, filled.warmup + filled.rounds))
     return BenchPlan(filled, methods, searched, case, timed, budget)
 

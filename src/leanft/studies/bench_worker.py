@@ -25,6 +25,7 @@ import transformers
 from torch import nn
 
 from leanft.core.chunked_loss import chunked_causal_lm_loss
+from leanft.core.compiled import compile_branches
 from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.precision import trainable_in_fp32
 from leanft.run import models
@@ -62,6 +63,7 @@ class Case:
     lr: float = 1e-4
     threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
     release_memory: bool = False  # hand freed blocks back to the OS at once (memory probes, see release_freed_memory)
+    compile: bool = False  # torch.compile each branch, as leanft train's compile=true
 
 
 def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = False) -> nn.Module:
@@ -161,6 +163,8 @@ class Trainee:
         self.autocast = dtype if dtype != torch.float32 else None  # as leanft train: fp32 trainables, 16-bit base
         if self.autocast is not None:
             trainable_in_fp32(self.model)
+        if case.compile and case.base not in QUANTIZED_FORMS:
+            compile_branches(self.model)
         self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=case.lr)
