@@ -65,7 +65,13 @@ def test_target_modules_parsing():
 
 
 def test_the_shipped_default_config_is_the_default_job():
+    import dataclasses
     from pathlib import Path
+
+    import yaml
 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert load_config(shipped) == TrainConfig()
+    spelled = yaml.safe_load(shipped.read_text())
+    defaults = dataclasses.asdict(TrainConfig())
+    assert spelled.keys() == defaults.keys() and spelled["dropbp"].keys() == defaults["dropbp"].keys()
