@@ -118,3 +118,8 @@ def test_a_streamed_run_trains_and_resumes_to_the_same_adapter(model_dir, source
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
+
+
+def test_eval_checks_its_data_before_the_model(capsys):
+    assert main(["eval", "model=no/such-model", "data=/no/such/rows.parquet"]) == 2
+    assert "data file /no/such/rows.parquet does not exist" in capsys.readouterr().err  # not a model error

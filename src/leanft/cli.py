@@ -61,33 +61,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from leanft.run.lm_eval_tasks import LmEvalOptions, load_tasks, run_tasks
     from leanft.run.models import load_model_and_tokenizer
     from leanft.run.options import apply_items, split_items
-    from leanft.run.rundir import RUN_CONFIG_FILE, load_run
+    from leanft.run.rundir import RUN_CONFIG_FILE, load_run, run_config
+    from leanft.run.sources import load_records
 
     path, items = _split_config_args(args.items)
     own, overrides = split_items(LmEvalOptions, items)
     options = apply_items(LmEvalOptions(), own, "eval")
-    tasks = load_tasks(options) if options.lm_eval is not None else None  # before any model loads
     if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():
-        model, tokenizer, config = load_run(path, overrides=overrides)  # overrides checked before loading
+        config = run_config(path, overrides)  # overrides checked before loading
+
+        def load() -> tuple:
+            return load_run(path, overrides=overrides)[:2]
     elif path is not None:
         raise LeanftError(f"{path} is not a leanft run folder: pass a run folder, or model=... for a base model")
     else:
         config = load_config(None, overrides)
-        model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+
+        def load() -> tuple:
+            return load_model_and_tokenizer(config.model, quantize=config.quantize)
+    # the tasks, or the held-out data, are checked before any model loads
+    tasks = load_tasks(options) if options.lm_eval is not None else None
+    records = load_records(config)[1] if tasks is None else None
+    model, tokenizer = load()
     if tasks is not None:
         print(json.dumps({"lm_eval": run_tasks(model, tokenizer, tasks, options)}, indent=2))
-        return 0
-    print(json.dumps(heldout_report(model, tokenizer, config), indent=2))
+    else:
+        print(json.dumps(heldout_report(model, tokenizer, config, records), indent=2))
     return 0
 
 
-def heldout_report(model, tokenizer, config) -> dict:
-    """``leanft eval``'s own report: held-out loss, perplexity and accuracy on the config's held-out data."""
+def heldout_report(model, tokenizer, config, records: list) -> dict:
+    """``leanft eval``'s own report: held-out loss, perplexity and accuracy on ``records``."""
     from leanft.run.data import tokenize_dataset
     from leanft.run.evaluate import eval_options, evaluate
-    from leanft.run.sources import load_records
 
-    _, records = load_records(config)
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
     return {**evaluate(model, tokenizer, records, features, **eval_options(config)), "num_eval": len(records)}
 

@@ -101,9 +101,8 @@ def read_jsonl_rows(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise LeanftError(f"{path.name}:{number}: not valid JSON ({error.msg})") from None
-        problem = None if isinstance(row, dict) else "expected a JSON object"
-        if problem:
-            raise LeanftError(f"{path.name}:{number}: {problem}")
+        if not isinstance(row, dict):
+            raise LeanftError(f"{path.name}:{number}: expected a JSON object")
         rows.append(row)
     return rows
 
