@@ -15,6 +15,7 @@ from transformers.trainer_utils import SchedulerType
 
 from leanft.core.allocate import ALLOCATIONS
 from leanft.core.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
+from leanft.core.comm_hooks import comm_hook_problem
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
@@ -164,6 +165,12 @@ class TrainConfig:
         False,
     )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
+    ddp_comm_hook: str = doc(
+        "multi-process DDP runs: none | fp16 | bf16 (gradients sent in half precision; bf16 on CUDA) | powersgd "
+        "(rank-powersgd_rank factors, with error feedback): PyTorch's DDP communication hooks",
+        "none",
+    )
+    powersgd_rank: int = doc("ddp_comm_hook=powersgd: rank of each gradient matrix's factors", 4)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
     bf16: str = doc(
         "auto | true | false: bf16 compute on a bf16 frozen base, trained parameters and optimizer state in fp32 "
@@ -217,6 +224,13 @@ class TrainConfig:
         if self.resume and self.output_dir is None:
             raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
+        problem = comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
+        if problem:
+            raise LeanftError(problem)
+        if self.ddp_comm_hook != "none" and self.fsdp:
+            raise LeanftError("ddp_comm_hook applies to DDP: drop it, or fsdp=true")
+        if self.powersgd_rank < 1:
+            raise LeanftError(f"powersgd_rank must be >= 1, got {self.powersgd_rank}")
         if self.ddp_timeout < 1:
             raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         if self.fsdp and self.resume:

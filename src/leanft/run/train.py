@@ -199,6 +199,8 @@ def build_trainer(
         callbacks=[*named.values(), *extra_callbacks],
         chunked_loss=config.chunked_loss and not config.fsdp,
         loss_kernel=config.loss_kernel,
+        comm_hook=config.ddp_comm_hook,
+        powersgd_rank=config.powersgd_rank,
         method=config.method,
         keep_checkpoints=config.save_total_limit,
         extra_metrics=functools.partial(run_metrics, named["log"], controller),

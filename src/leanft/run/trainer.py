@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from leanft.core.chunked_loss import chunked_loss_for
+from leanft.core.comm_hooks import set_comm_hook
 from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
 from leanft.core.errors import LeanftError
@@ -30,12 +31,13 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
     gradient-accumulation and multi-process token counting apply unchanged. ``loss_kernel`` picks its
     implementation: ``auto`` (a maintained fused kernel on CUDA where installed), ``leanft``, ``cut-cross-entropy``
-    or ``liger-kernel``.
+    or ``liger-kernel``. ``comm_hook`` (``none | bf16 | powersgd``) compresses DDP's gradient all-reduce.
     """
 
     def __init__(
         self, *args, chunked_loss: bool = False, loss_kernel: str = "auto", method: str | None = None,
-        keep_checkpoints: int | None = None, extra_metrics=None, **kwargs,
+        keep_checkpoints: int | None = None, extra_metrics=None, comm_hook: str = "none", powersgd_rank: int = 4,
+        **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
         self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
@@ -47,6 +49,7 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
             kwargs["compute_loss_func"] = self.chunked
         with accepted_as_adapter(model, has_adapter=bool(paca_modules(model))):  # a 4-bit base with QPaCA layers
             super().__init__(*args, **kwargs)
+        set_comm_hook(self.accelerator, comm_hook, powersgd_rank)  # registered when accelerate wraps the model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``Trainer.compute_loss``, with the head returning hidden states for the chunked loss while training."""

@@ -1,0 +1,48 @@
+"""Compressed gradient communication for data-parallel training: PyTorch's DDP communication hooks.
+
+``ddp_comm_hook="powersgd"`` sends a rank-``r`` factorisation of each gradient matrix (Vogels et al., 2019,
+with error feedback), ``"fp16"`` / ``"bf16"`` send gradients in half precision (bf16 needs CUDA with NCCL).
+leanft implements none of them: it asks accelerate to register PyTorch's own hooks
+(``torch.distributed.algorithms.ddp_comm_hooks``) when it wraps the model in DDP.
+"""
+
+from __future__ import annotations
+
+from leanft.core.errors import LeanftError
+
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+POWERSGD_START = 2  # PowerSGD's first compressed step (before it, plain all-reduce warms its error feedback up)
+
+
+def powersgd_options(rank: int, min_compression_rate: float = 2.0) -> dict:
+    """The ``PowerSGDState`` options leanft uses: rank ``rank``, compression from step ``POWERSGD_START``.
+
+    Matrices that would not shrink by ``min_compression_rate`` (PyTorch's default 2) are sent uncompressed.
+    """
+    return {"matrix_approximation_rank": rank, "start_powerSGD_iter": POWERSGD_START,
+            "min_compression_rate": min_compression_rate}
+
+
+def comm_hook_problem(hook: str, cuda: bool) -> str | None:
+    """Why ``hook`` cannot run (None when it can); ``cuda``: the run uses CUDA devices (NCCL)."""
+    if hook not in COMM_HOOKS:
+        return f"ddp_comm_hook must be one of {', '.join(COMM_HOOKS)}, got {hook!r}"
+    if hook == "bf16" and not cuda:
+        return "ddp_comm_hook=bf16 needs CUDA with NCCL (PyTorch's hook): use fp16 or powersgd on a CPU"
+    return None
+
+
+def set_comm_hook(accelerator, hook: str, rank: int = 4) -> None:
+    """Have ``accelerator`` register the DDP communication hook ``hook`` (one of ``COMM_HOOKS``) on its DDP model."""
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    if hook not in COMM_HOOKS:
+        raise LeanftError(comm_hook_problem(hook, cuda=True))
+    if hook == "none":
+        return
+    if accelerator.ddp_handler is None:
+        accelerator.ddp_handler = DistributedDataParallelKwargs()
+    handler = accelerator.ddp_handler
+    handler.comm_hook = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
+                         "powersgd": DDPCommunicationHookType.POWER_SGD}[hook]
+    handler.comm_state_option = powersgd_options(rank) if hook == "powersgd" else {}
