@@ -112,7 +112,7 @@ def test_powersgd_at_full_rank_matches_uncompressed_training(hooks):
 def test_compressed_steps_send_less_and_still_train(hooks):
     plain = hooks["none"]["plain"]
     compressed = hooks["powersgd"]["sent"][-1]  # a step after PowerSGD's start
-    assert 0 < compressed < 0.5 * plain
+    assert 0 < compressed <= 0.25 * plain
     assert hooks["fp16"]["sent"][-1] == pytest.approx(plain / 2, rel=0.01)
     for name in ("powersgd", "fp16"):
         assert hooks[name]["losses"][0][-1] < hooks[name]["losses"][0][0], name

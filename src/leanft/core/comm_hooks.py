@@ -8,7 +8,11 @@ leanft implements none of them: it asks accelerate to register PyTorch's own hoo
 
 from __future__ import annotations
 
+import logging
+
 from leanft.core.errors import LeanftError
+
+logger = logging.getLogger(__name__)
 
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 POWERSGD_START = 2  # PowerSGD's first compressed step (before it, plain all-reduce warms its error feedback up)
@@ -46,3 +50,4 @@ def set_comm_hook(accelerator, hook: str, rank: int = 4) -> None:
     handler.comm_hook = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
                          "powersgd": DDPCommunicationHookType.POWER_SGD}[hook]
     handler.comm_state_option = powersgd_options(rank) if hook == "powersgd" else {}
+    logger.info("DDP gradients compressed with PyTorch's %s hook%s", hook, f" (rank {rank})" if hook == "powersgd" else "")
