@@ -50,4 +50,5 @@ def set_comm_hook(accelerator, hook: str, rank: int = 4) -> None:
     handler.comm_hook = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
                          "powersgd": DDPCommunicationHookType.POWER_SGD}[hook]
     handler.comm_state_option = powersgd_options(rank) if hook == "powersgd" else {}
-    logger.info("DDP gradients compressed with PyTorch's %s hook%s", hook, f" (rank {rank})" if hook == "powersgd" else "")
+    detail = f" (rank {rank})" if hook == "powersgd" else ""
+    logger.info("DDP gradients compressed with PyTorch's %s hook%s", hook, detail)
