@@ -46,6 +46,8 @@ def test_a_variant_sets_its_own_dropbp_keys_after_colons(tmp_path):
     assert (config.method, config.dropbp.warmup, config.dropbp.patterns_per_step) == ("paca", 0.2, 4)
     assert config.dropbp.rate == 0.5 and config.dropbp.allocate_at is None and base.dropbp.warmup == 0.0
     assert variant_config(base, "paca:lr=0.01", tmp_path, eval_every=2).lr == 0.01
+    fp32 = variant_config(base, "lora:bf16=false:compile=true", tmp_path, eval_every=2)
+    assert (fp32.method, fp32.bf16, fp32.compile) == ("lora", "false", True) and base.bf16 == "auto"
     with pytest.raises(LeanftError, match="without DropBP"):
         variant_config(base, "paca:warmup=0.2", tmp_path, eval_every=2)
     with pytest.raises(LeanftError, match="patterns_per_step"):

@@ -49,8 +49,8 @@ class CompareOptions:
 
     variants: str = doc(
         "comma-separated, the first is the baseline; choose from " + ", ".join(VARIANTS)
-        + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr "
-        "and DropBP keys after colons: paca:lr=0.01, paca+dropbp:warmup=0.2:rate=0.3",
+        + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr, "
+        "bf16, compile and DropBP keys after colons: paca:lr=0.01, lora:bf16=false, paca+dropbp:warmup=0.2:rate=0.3",
         DEFAULT_VARIANTS,
     )
     eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
@@ -81,9 +81,13 @@ def variant_base(name: str) -> str:
     return name.split(":", 1)[0]
 
 
+VARIANT_TRAIN_KEYS = ("lr", "bf16", "compile")  # a variant's own keys that are train keys; the rest are DropBP's
+
+
 def variant_overrides(name: str) -> list[str]:
-    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: ``lr``, or a DropBP key."""
-    return [item if item.startswith("lr=") else f"dropbp.{item}" for item in name.split(":")[1:]]
+    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: ``lr``, ``bf16``,
+    ``compile``, or a DropBP key."""
+    return [item if item.partition("=")[0] in VARIANT_TRAIN_KEYS else f"dropbp.{item}" for item in name.split(":")[1:]]
 
 
 def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
