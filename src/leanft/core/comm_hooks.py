@@ -14,7 +14,7 @@ from leanft.core.errors import LeanftError
 
 logger = logging.getLogger(__name__)
 
-COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+COMM_HOOKS = ("fp16", "bf16", "powersgd")
 POWERSGD_START = 2  # PowerSGD's first compressed step (before it, plain all-reduce warms its error feedback up)
 
 
@@ -27,23 +27,24 @@ def powersgd_options(rank: int, min_compression_rate: float = 2.0) -> dict:
             "min_compression_rate": min_compression_rate}
 
 
-def comm_hook_problem(hook: str, cuda: bool) -> str | None:
-    """Why ``hook`` cannot run (None when it can); ``cuda``: the run uses CUDA devices (NCCL)."""
-    if hook not in COMM_HOOKS:
-        return f"ddp_comm_hook must be one of {', '.join(COMM_HOOKS)}, got {hook!r}"
+def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:
+    """Why ``hook`` cannot run (None when it can, or when there is no hook); ``cuda``: the run uses NCCL."""
+    if hook is not None and hook not in COMM_HOOKS:
+        return f"ddp_comm_hook must be null (none) or one of {', '.join(COMM_HOOKS)}, got {hook!r}"
     if hook == "bf16" and not cuda:
         return "ddp_comm_hook=bf16 needs CUDA with NCCL (PyTorch's hook): use fp16 or powersgd on a CPU"
     return None
 
 
-def set_comm_hook(accelerator, hook: str, rank: int = 4) -> None:
-    """Have ``accelerator`` register the DDP communication hook ``hook`` (one of ``COMM_HOOKS``) on its DDP model."""
+def set_comm_hook(accelerator, hook: str | None, rank: int = 4) -> None:
+    """Have ``accelerator`` register the DDP communication hook ``hook`` (one of ``COMM_HOOKS``; None: no hook)
+    on its DDP model."""
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
+    if hook is None:
+        return
     if hook not in COMM_HOOKS:
         raise LeanftError(comm_hook_problem(hook, cuda=True))
-    if hook == "none":
-        return
     if accelerator.ddp_handler is None:
         accelerator.ddp_handler = DistributedDataParallelKwargs()
     handler = accelerator.ddp_handler

@@ -165,10 +165,10 @@ class TrainConfig:
         False,
     )
     fsdp: bool = doc("multi-process runs (torchrun / accelerate launch): shard with FSDP2 instead of DDP", False)
-    ddp_comm_hook: str = doc(
-        "multi-process DDP runs: none | fp16 | bf16 (gradients sent in half precision; bf16 on CUDA) | powersgd "
-        "(rank-powersgd_rank factors, with error feedback): PyTorch's DDP communication hooks",
-        "none",
+    ddp_comm_hook: str | None = doc(
+        "multi-process DDP runs: null (none) | fp16 | bf16 (gradients sent in half precision; bf16 on CUDA) | "
+        "powersgd (rank-powersgd_rank factors, with error feedback): PyTorch's DDP communication hooks",
+        None,
     )
     powersgd_rank: int = doc("ddp_comm_hook=powersgd: rank of each gradient matrix's factors", 4)
     ddp_timeout: int = doc("multi-process runs: seconds a rank waits for the others before failing", 600)
@@ -227,7 +227,7 @@ class TrainConfig:
         problem = comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
         if problem:
             raise LeanftError(problem)
-        if self.ddp_comm_hook != "none" and self.fsdp:
+        if self.ddp_comm_hook is not None and self.fsdp:
             raise LeanftError("ddp_comm_hook applies to DDP: drop it, or fsdp=true")
         if self.powersgd_rank < 1:
             raise LeanftError(f"powersgd_rank must be >= 1, got {self.powersgd_rank}")

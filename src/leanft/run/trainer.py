@@ -31,12 +31,12 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
     gradient-accumulation and multi-process token counting apply unchanged. ``loss_kernel`` picks its
     implementation: ``auto`` (a maintained fused kernel on CUDA where installed), ``leanft``, ``cut-cross-entropy``
-    or ``liger-kernel``. ``comm_hook`` (``none | bf16 | powersgd``) compresses DDP's gradient all-reduce.
+    or ``liger-kernel``. ``comm_hook`` (``fp16 | bf16 | powersgd``) compresses DDP's gradient all-reduce.
     """
 
     def __init__(
         self, *args, chunked_loss: bool = False, loss_kernel: str = "auto", method: str | None = None,
-        keep_checkpoints: int | None = None, extra_metrics=None, comm_hook: str = "none", powersgd_rank: int = 4,
+        keep_checkpoints: int | None = None, extra_metrics=None, comm_hook: str | None = None, powersgd_rank: int = 4,
         **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
