@@ -93,3 +93,10 @@ def test_merge_writes_the_dtype_asked_for(model_dir, data_file, tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters(), strict=True):
         torch.testing.assert_close(b, a.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    from leanft.run.rundir import load_run
+
+    tuned, _, _ = load_run(run_dir)  # the bf16 base the run trained on, with its columns
+    assert {p.dtype for p in tuned.parameters() if not p.requires_grad} == {torch.bfloat16}
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(half(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits, rtol=0, atol=0)

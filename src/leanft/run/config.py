@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ from leanft.core.comm_hooks import comm_hook_problem
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
+from leanft.core.precision import bf16_supported
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
+
+logger = logging.getLogger(__name__)
 
 SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 REPORTERS = ("tensorboard", "wandb")  # each is also the name of the package it needs
@@ -197,6 +201,19 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """The configured learning rate, or the method's default."""
         return self.lr if self.lr is not None else method_spec(self.method).default_lr
+
+    def uses_bf16(self) -> bool:
+        """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device has it natively."""
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.bf16 == "auto":
+            return bf16_supported(device_type)
+        if self.bf16 == "true" and not bf16_supported(device_type):
+            logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
+        return self.bf16 == "true"
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the frozen base is loaded in: bf16 with bf16 compute (a 4-bit base keeps its own)."""
+        return torch.bfloat16 if self.uses_bf16() and not self.quantize else torch.float32
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""

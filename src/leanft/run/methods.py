@@ -121,7 +121,7 @@ def _merge_lora(model: nn.Module) -> PreTrainedModel:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("paca", "PaCA", "PaCA", 3e-3, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
+        MethodSpec("paca", "PaCA", "PaCA", 1e-2, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
                    _check_paca, own_checkpoints=True),
         MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
                    _merge_lora, _check_lora),

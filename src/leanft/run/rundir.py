@@ -269,5 +269,7 @@ def load_run(
 ) -> tuple[torch.nn.Module, object, TrainConfig]:
     """(trained model, tokenizer, config) of a finished run folder; ``overrides`` change evaluation keys only."""
     config = run_config(run_dir, overrides)
-    base, tokenizer = load_model_and_tokenizer(config.model, device=device, quantize=config.quantize)
+    base, tokenizer = load_model_and_tokenizer(
+        config.model, dtype=config.base_dtype(), device=device, quantize=config.quantize
+    )  # the base as it was trained (bf16 where the run computed in bf16)
     return load_trained(base, config.method, Path(run_dir) / ADAPTER_DIR), tokenizer, config

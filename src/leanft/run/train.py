@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
@@ -55,7 +54,7 @@ from leanft.run.rundir import (
     start_run_dir,
 )
 from leanft.run.sources import load_records
-from leanft.run.trainer import LeanftTrainer, training_arguments, use_bf16
+from leanft.run.trainer import LeanftTrainer, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +124,7 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
     logger.info("loading model %s", config.model)
-    dtype = torch.bfloat16 if use_bf16(config) and not config.quantize else torch.float32  # 4-bit: its own
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, quantize=config.quantize)
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
     method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
     if config.streaming:
         features, train_report = TokenizedStream(train_records, tokenizer, config.max_seq_len), {"streaming": True}
@@ -172,7 +170,7 @@ def build_trainer(
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
     model = attach_method(inputs.model, config.method, config.method_settings())
-    if use_bf16(config):
+    if config.uses_bf16():
         trainable_in_fp32(model)  # fp32 master copies and optimizer state; the frozen base stays bf16
     if config.compile:
         compile_branches(model)  # before DropBP, whose wrapper stays outside the compiled branches

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -15,12 +14,9 @@ from leanft.core.compat import TrainerCheckpointHooks, accepted_as_adapter
 from leanft.core.distributed import full_state_dict, is_fsdp2, world_size
 from leanft.core.errors import LeanftError
 from leanft.core.paca import paca_modules
-from leanft.core.precision import bf16_supported
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
 from leanft.run.rundir import disk_is_full, mark_complete, resume_checkpoint, rotate_checkpoints
-
-logger = logging.getLogger(__name__)
 
 
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
@@ -100,16 +96,6 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
             rotate_checkpoints(folder.parent, self.keep_checkpoints)
 
 
-def use_bf16(config: TrainConfig) -> bool:
-    """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device computes it natively."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.bf16 == "auto":
-        return bf16_supported(device_type)
-    if config.bf16 == "true" and not bf16_supported(device_type):
-        logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
-    return config.bf16 == "true"
-
-
 def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
     """The ``TrainingArguments`` for a run (checkpoints in the run folder; metrics also to ``report_to``).
 
@@ -117,7 +103,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
     its own pattern); the examples of a step and the effective batch stay the same.
     """
     micro = config.dropbp.patterns_per_step if dropbp_on else 1
-    bf16 = use_bf16(config)
+    bf16 = config.uses_bf16()
     return TrainingArguments(
         output_dir=str(run_dir),
         max_steps=config.max_steps,
