@@ -22,6 +22,7 @@ from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
 from leanft.core.precision import bf16_supported
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
+from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
 
@@ -148,6 +149,11 @@ class TrainConfig:
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
     warmup_ratio: float = doc("share of steps for LR warm-up", 0.05)
     weight_decay: float = doc("AdamW weight decay", 0.0)
+    optimizer: str = doc(
+        "adamw | apollo | apollo-mini: APOLLO's low-rank-scaled AdamW (pip install leanft[apollo]), far less "
+        "optimizer state for full fine-tuning",
+        "adamw",
+    )
     max_steps: int = doc("optimizer steps", 80)
     batch_size: int = doc("examples per device per step", 8)
     grad_accum: int = doc("gradient accumulation steps", 1)
@@ -241,7 +247,7 @@ class TrainConfig:
         if self.resume and self.output_dir is None:
             raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
-        problem = comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
+        problem = optimizer_problem(self.optimizer) or comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
         if problem:
             raise LeanftError(problem)
         if self.ddp_comm_hook is not None and self.fsdp:

@@ -198,6 +198,7 @@ def build_trainer(
         chunked_loss=config.chunked_loss and not config.fsdp,
         loss_kernel=config.loss_kernel,
         comm_hook=config.ddp_comm_hook,
+        optimizer_name=config.optimizer,
         powersgd_rank=config.powersgd_rank,
         method=config.method,
         keep_checkpoints=config.save_total_limit,

@@ -16,6 +16,7 @@ from leanft.core.errors import LeanftError
 from leanft.core.paca import paca_modules
 from leanft.run.config import TrainConfig
 from leanft.run.methods import method_spec
+from leanft.run.optimizers import apollo_optimizer
 from leanft.run.rundir import disk_is_full, mark_complete, resume_checkpoint, rotate_checkpoints
 
 
@@ -33,11 +34,12 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     def __init__(
         self, *args, chunked_loss: bool = False, loss_kernel: str = "auto", method: str | None = None,
         keep_checkpoints: int | None = None, extra_metrics=None, comm_hook: str | None = None, powersgd_rank: int = 4,
-        **kwargs,
+        optimizer_name: str = "adamw", **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
         self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
         self.extra_metrics = extra_metrics  # () -> {name: value} added to every training log
+        self.optimizer_name = optimizer_name  # adamw: the Trainer's own; apollo, apollo-mini: see run.optimizers
         spec = method_spec(method) if method is not None else None
         self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
         self.chunked = chunked_loss_for(model, world_size() > 1, kernel=loss_kernel) if chunked_loss else None
@@ -46,6 +48,15 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
         with accepted_as_adapter(model, has_adapter=bool(paca_modules(model))):  # a 4-bit base with QPaCA layers
             super().__init__(*args, **kwargs)
         set_comm_hook(self.accelerator, comm_hook, powersgd_rank)  # registered when accelerate wraps the model
+
+    def create_optimizer(self, model=None):
+        """The Trainer's AdamW, or APOLLO / APOLLO-Mini (``optimizer_name``) over the trainable parameters."""
+        if self.optimizer_name == "adamw" or self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = apollo_optimizer(
+            self.model, self.optimizer_name, self.args.learning_rate, self.args.weight_decay
+        )
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``Trainer.compute_loss``, with the head returning hidden states for the chunked loss while training."""
