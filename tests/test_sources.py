@@ -123,3 +123,12 @@ def test_a_streamed_run_trains_and_resumes_to_the_same_adapter(model_dir, source
 def test_eval_checks_its_data_before_the_model(capsys):
     assert main(["eval", "model=no/such-model", "data=/no/such/rows.parquet"]) == 2
     assert "data file /no/such/rows.parquet does not exist" in capsys.readouterr().err  # not a model error
+
+
+def test_a_bad_jsonl_record_after_blank_lines_names_its_own_line(tmp_path):
+    from leanft.run.sources import load_jsonl_examples
+
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c"}\n')
+    with pytest.raises(LeanftError, match=r"gaps\.jsonl:4: missing \"output\""):
+        load_jsonl_examples(path)

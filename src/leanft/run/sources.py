@@ -87,8 +87,8 @@ def checked_records(rows: Iterable[dict], columns: dict[str, str], where: str) -
         yield record
 
 
-def read_jsonl_rows(path: Path) -> list[dict]:
-    """The JSON objects of a JSONL file; a line that is not JSON raises one line naming ``file:line``."""
+def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSONL file; a bad line raises one line naming it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -103,7 +103,7 @@ def read_jsonl_rows(path: Path) -> list[dict]:
             raise LeanftError(f"{path.name}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise LeanftError(f"{path.name}:{number}: expected a JSON object")
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
@@ -116,7 +116,7 @@ def load_jsonl_examples(path: str | Path, columns: dict[str, str] | None = None)
     if not rows:
         raise LeanftError(f"{path} holds no examples: add one JSON object per line")
     records = []
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:  # the file's own line numbers, blank lines counted
         record = as_record(row, columns or {})
         problem = validate_record(record)
         if problem:
