@@ -213,8 +213,6 @@ class TrainConfig:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         if self.bf16 == "auto":
             return bf16_supported(device_type)
-        if self.bf16 == "true" and not bf16_supported(device_type):
-            logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
         return self.bf16 == "true"
 
     def base_dtype(self) -> torch.dtype:
@@ -287,6 +285,8 @@ class TrainConfig:
         select_loss_kernel(self.loss_kernel, "cuda" if torch.cuda.is_available() else "cpu")
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        if self.bf16 == "true" and not bf16_supported("cuda" if torch.cuda.is_available() else "cpu"):
+            logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
         return self
 
 
