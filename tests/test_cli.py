@@ -82,7 +82,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("method", ["paca", "lora"])
+@pytest.mark.parametrize("method", ["paca", "lora", "s2ft"])
 def test_merge_output_loads_in_plain_transformers_with_the_same_logits(model_dir, data_file, tmp_path, method):
     run_dir = tmp_path / "run"
     keys = (f"method={method}", "lr=0.01", "dropbp.rate=0.25", "bf16=false")  # bf16 merge: test_precision
@@ -131,6 +131,8 @@ def test_bad_inputs_exit_2_with_one_line(model_dir, data_file, tmp_path, capsys)
         ([f"model={model_dir}", f"data={empty}"], "no examples"),
         ([f"model={model_dir}", "colour=blue"], "unknown key 'colour'"),
         ([f"model={model_dir}", "dropbp.rate=1.5"], "dropbp.rate"),
+        ([f"model={model_dir}", "method=s2ft", "s2ft_ffn=0"], "method=s2ft trains nothing"),
+        ([f"model={model_dir}", "s2ft_heads=2"], "s2ft_ffn and s2ft_heads must be in [0, 1]"),
     ]
     for args, message in cases:
         assert main(["train", *args, f"output_dir={tmp_path / 'out'}"]) == 2, args

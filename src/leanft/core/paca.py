@@ -123,18 +123,29 @@ def apply_paca(
 ) -> nn.Module:
     """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``."""
     names = check_paca_targets(model, r, target_modules)
+    generator = torch.Generator().manual_seed(seed)
+    columns = {}
+    for name in names:
+        module = model.get_submodule(name)
+        columns[name] = _choose_columns(_dispatch(module).weight(module), r, init, generator)
+    return train_columns(model, columns, train_bias)
+
+
+def train_columns(model: nn.Module, columns: dict[str, torch.Tensor], train_bias: bool = False) -> nn.Module:
+    """Replace each named linear by a PaCA layer training the input columns given for it; freeze the rest.
+
+    The column sets may differ in size from layer to layer (S2FT's selection does); returns ``model``.
+    """
     for param in model.parameters():
         param.requires_grad_(False)
     tied = _shared_storages(model)
-    generator = torch.Generator().manual_seed(seed)
-    for name in names:
+    for name, index in columns.items():
         module = model.get_submodule(name)
         dispatch = _dispatch(module)
         weight = dispatch.weight(module)
         if weight.untyped_storage().data_ptr() in tied:  # PaCA writes into its weight: never into a tied one
             weight = weight.clone()
-        index = _choose_columns(weight, r, init, generator)
-        replacement = dispatch.build(module, index, weight)
+        replacement = dispatch.build(module, index.sort().values, weight)
         if train_bias and replacement.bias is not None:
             replacement.bias.requires_grad_(True)
         model.set_submodule(name, replacement)
@@ -232,11 +243,10 @@ def load_paca(model: nn.Module, path: str | Path) -> nn.Module:
     modules, applied = paca_modules(model), False
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     if not modules:
-        ranks = {int(tensors[f"{name}.paca_index"].numel()) for name in layers}
-        missing = [name for name in layers if _safe_get(model, name) is None]
-        if missing or len(ranks) != 1:
-            raise LeanftError(f"the adapter in {folder} does not fit this model (missing layers: {missing[:3]})")
-        apply_paca(model, r=ranks.pop(), target_modules=layers)
+        unfit = [name for name in layers if not _fits(_safe_get(model, name), tensors[f"{name}.paca_index"])]
+        if unfit:
+            raise LeanftError(f"the adapter in {folder} does not fit this model (layers {', '.join(unfit[:3])})")
+        train_columns(model, {name: tensors[f"{name}.paca_index"] for name in layers})
         modules, applied = paca_modules(model), True
     problem = _misfit(modules, layers, tensors)
     if problem is not None:
@@ -265,6 +275,12 @@ def _misfit(modules: dict[str, PacaLinear], layers: list[str], tensors: dict) ->
         if weight.shape != module.paca_weight.shape or index.shape != module.paca_index.shape:
             return f"does not fit layer {name} (shape {tuple(weight.shape)})"
     return None
+
+
+def _fits(module: nn.Module | None, index: torch.Tensor) -> bool:
+    """Whether ``module`` is a linear PaCA can replace whose input width holds every column of ``index``."""
+    dispatch = None if module is None else _dispatch(module)
+    return dispatch is not None and (index.numel() == 0 or int(index.max()) < dispatch.in_features(module))
 
 
 def _safe_get(model: nn.Module, name: str) -> nn.Module | None:

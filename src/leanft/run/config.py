@@ -139,6 +139,14 @@ class TrainConfig:
     method: str = doc(" | ".join(METHODS), "paca")
     r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
     lora_alpha: int = doc("LoRA scaling numerator (method=lora)", MethodSettings.lora_alpha)
+    s2ft_ffn: float = doc(
+        "method=s2ft: share of all FFN channels whose down-projection column trains (drawn model-wide)",
+        MethodSettings.s2ft_ffn,
+    )
+    s2ft_heads: float = doc(
+        "method=s2ft: share of all attention heads whose output-projection columns train (drawn model-wide)",
+        MethodSettings.s2ft_heads,
+    )
     target_modules: str = doc(
         "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
     )
@@ -221,7 +229,8 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha)
+        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha,
+                              s2ft_ffn=self.s2ft_ffn, s2ft_heads=self.s2ft_heads)
 
     def validate_data(self) -> None:
         """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""
@@ -245,6 +254,10 @@ class TrainConfig:
         if self.resume and self.output_dir is None:
             raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
+        if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
+            raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
+        if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
+            raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
         problem = optimizer_problem(self.optimizer) or comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
         if problem:
             raise LeanftError(problem)

@@ -21,6 +21,7 @@ from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
 from leanft.core.paca import apply_paca, check_paca_targets, load_paca, merge_paca, save_paca, target_names
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
+from leanft.core.s2ft import apply_s2ft, s2ft_columns
 
 ADAPTER_DIR = "adapter"
 
@@ -33,6 +34,8 @@ class MethodSettings:
     target_modules: str = "all-linear"
     seed: int = 0
     lora_alpha: int = 16  # these defaults are also ``TrainConfig``'s
+    s2ft_ffn: float = 0.05
+    s2ft_heads: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,14 @@ def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
 
 def _check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
     check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
+
+
+def _attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
+    return apply_s2ft(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
+
+
+def _check_s2ft(model: PreTrainedModel, settings: MethodSettings) -> None:
+    s2ft_columns(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
 
 
 def _check_lora(model: PreTrainedModel, settings: MethodSettings) -> None:
@@ -123,6 +134,8 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("paca", "PaCA", "PaCA", 1e-2, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
                    _check_paca, own_checkpoints=True),
+        MethodSpec("s2ft", "S2FT", "S2FT", 1e-2, None, _attach_s2ft, save_paca, load_paca, _merge_paca,
+                   _check_s2ft, own_checkpoints=True),
         MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
                    _merge_lora, _check_lora),
         MethodSpec("full", "full FT", "full FT", 2e-5, None, _attach_full, _save_pretrained, _load_full,

@@ -50,7 +50,8 @@ class CompareOptions:
     variants: str = doc(
         "comma-separated, the first is the baseline; choose from " + ", ".join(VARIANTS)
         + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr, "
-        "bf16, compile and DropBP keys after colons: paca:lr=0.01, lora:bf16=false, paca+dropbp:warmup=0.2:rate=0.3",
+        "bf16, compile, optimizer, s2ft_ffn, s2ft_heads and DropBP keys after colons: paca:lr=0.01, lora:bf16=false, "
+        "full:optimizer=apollo, paca+dropbp:warmup=0.2:rate=0.3",
         DEFAULT_VARIANTS,
     )
     eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
@@ -81,12 +82,13 @@ def variant_base(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-VARIANT_TRAIN_KEYS = ("lr", "bf16", "compile")  # a variant's own keys that are train keys; the rest are DropBP's
+# a variant's own keys that are train keys; the rest are DropBP's
+VARIANT_TRAIN_KEYS = ("lr", "bf16", "compile", "optimizer", "s2ft_ffn", "s2ft_heads")
 
 
 def variant_overrides(name: str) -> list[str]:
-    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: ``lr``, ``bf16``,
-    ``compile``, or a DropBP key."""
+    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: one of
+    ``VARIANT_TRAIN_KEYS``, or a DropBP key."""
     return [item if item.partition("=")[0] in VARIANT_TRAIN_KEYS else f"dropbp.{item}" for item in name.split(":")[1:]]
 
 
