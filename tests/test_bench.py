@@ -216,3 +216,23 @@ def test_the_bench_attaches_each_method_as_train_does():
     for (name, module), (_, reference) in zip(bench_paca.named_modules(), train_paca.named_modules(), strict=True):
         if hasattr(module, "paca_index"):
             assert torch.equal(module.paca_index, reference.paca_index), name
+
+
+def test_other_optimizers_add_rows_and_their_state_memory_is_measured(tmp_path, capsys):
+    methods = build_methods(["full"], [0.5], optimizers=["apollo"])
+    assert [m.key for m in methods] == ["full", "full+dropbp0.5", "full+floor", "full+apollo", "full+apollo+dropbp0.5"]
+    assert methods[4].label == "full FT + APOLLO + DropBP 0.5" and methods[3].worker == ("full", None, "apollo")
+    with pytest.raises(LeanftError, match="optimizers: optimizer must be one of"):
+        parse_bench_options(["quick=true", "optimizers=sgd"])
+    plan = parse_bench_options([
+        "quick=true", "device=cpu", "bases=full,s2ft", "rates=0.5", "rounds=1", "optimizers=apollo",
+        "max_len_methods=off", f"out={tmp_path}", "plots=false",
+    ])
+    assert bench.run_bench(plan, progress=lambda line: None) == 0
+    assert "optimizer state (MiB)" in capsys.readouterr().out
+    rows = {row["key"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert {"s2ft", "full+apollo", "full+apollo+dropbp0.5", "s2ft+apollo"} <= set(rows)
+    # AdamW keeps two fp32 moments of every weight; APOLLO keeps them only in a rank-128 projection
+    adamw, apollo = rows["full"]["optimizer_state"], rows["full+apollo"]["optimizer_state"]
+    assert 0 < apollo < 0.9 * adamw
+    assert rows["full+apollo+dropbp0.5"]["step_s"] > 0 and rows["s2ft"]["optimizer_state"] < 0.1 * adamw

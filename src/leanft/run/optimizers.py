@@ -50,6 +50,13 @@ def apollo_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
     return APOLLOAdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (``name='adamw'``) or APOLLO / APOLLO-Mini over ``model``'s trainable parameters."""
+    if name == "adamw":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    return apollo_optimizer(model, name, lr, weight_decay)
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state (moments, projections)."""
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()

@@ -112,7 +112,7 @@ def worker_context():
 def measure_memory(context, plan: BenchPlan, method: Method, seq_len: int) -> dict:
     """Peak memory of one step of ``method`` at ``seq_len`` in a fresh worker (``oom`` set if it ran out)."""
     case = replace(plan.case, base=method.base, seq_len=seq_len, dropbp=method.uses_dropbp, release_memory=True,
-                   dtype=method.dtype or plan.case.dtype)
+                   dtype=method.dtype or plan.case.dtype, optimizer=method.optimizer)
     try:
         with Worker(context, case, plan.timeout) as worker:
             reply = worker.call(
@@ -129,6 +129,7 @@ def measure_memory(context, plan: BenchPlan, method: Method, seq_len: int) -> di
         "seq_len": seq_len,
         "peak": reply["peak"] - start,
         "train_peak": reply["peak"] - reply["setup"],
+        "optimizer_state": reply["optimizer_state"],
         "setup": reply["setup"] - start,
         "saved": reply["saved"],
         "dropped": reply["dropped"],
@@ -163,30 +164,29 @@ def run_timing(
 ) -> dict[str, list[dict]]:
     """Phase 2: all base models loaded at once, stepped in rounds; returns the timed steps of each method."""
     bases = [base for base in BASES if any(method.base == base for method in methods)]
-    order = sorted(methods, key=lambda m: (m.floor, m.rate, bases.index(m.base), m.dtype or ""))
-    kinds = list(dict.fromkeys((method.base, method.dtype) for method in order))  # one worker per (base, dtype)
+    order = sorted(methods, key=lambda m: (m.floor, m.rate, bases.index(m.base), m.dtype or "", m.optimizer))
     timing: dict[str, list[dict]] = {method.key: [] for method in methods}
-    workers: dict[tuple[str, str | None], Worker] = {}
+    workers: dict[tuple[str, str | None, str], Worker] = {}
     try:
-        for base, dtype in kinds:
-            case = replace(plan.case, base=base, dtype=dtype or plan.case.dtype, dropbp=True)
-            workers[(base, dtype)] = Worker(context, case, plan.timeout)
+        for base, dtype, optimizer in dict.fromkeys(method.worker for method in order):  # one worker each
+            case = replace(plan.case, base=base, dtype=dtype or plan.case.dtype, dropbp=True, optimizer=optimizer)
+            workers[(base, dtype, optimizer)] = Worker(context, case, plan.timeout)
         started = time.perf_counter()
         warm = [method for method in order if not method.uses_dropbp]  # first steps allocate and fault pages in
         for index in range(plan.warmup):
             for method in warm:
-                workers[(method.base, method.dtype)].call("step", index=index, chunked=method.chunked)
+                workers[method.worker].call("step", index=index, chunked=method.chunked)
         if plan.compile:  # compiled branches compile more graphs where branches are dropped (no grad, gradless input)
             for index in range(plan.warmup):
                 for method in (m for m in order if m.uses_dropbp):
-                    workers[(method.base, method.dtype)].call(
+                    workers[method.worker].call(
                         "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
                     )
         progress(f"[timing warm-up] {plan.warmup * len(warm)} steps in {time.perf_counter() - started:.1f} s")
         for index in plan.timed_indices:
             started = time.perf_counter()
             for method in order:
-                step = workers[(method.base, method.dtype)].call(
+                step = workers[method.worker].call(
                     "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
                 )
                 timing[method.key].append(step)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from leanft.core.errors import LeanftError
 from leanft.core.precision import bf16_supported
+from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, doc
 from leanft.studies.bench_report import PEER_DTYPE, Method, build_methods, parse_method_keys
 from leanft.studies.bench_worker import BASES, TINY_MODEL, Case
@@ -32,6 +33,11 @@ class BenchOptions:
     r: int = doc("LoRA rank = PaCA columns per layer", 8)
     bases: str = doc(f"comma-separated base methods, any of {','.join(BASES)}", "lora,full,paca")
     chunked: bool = doc("also run every method with the chunked loss", False)
+    optimizers: str = doc(
+        "comma-separated optimizers besides AdamW (apollo, apollo-mini): each adds every base, alone and at every "
+        "DropBP rate, with that optimizer (e.g. bases=full optimizers=apollo)",
+        "",
+    )
     compile: bool = doc("torch.compile each attention and MLP branch, as train's compile=true", False)
     rates: str = doc("comma-separated DropBP rates, each in (0, 1); empty for none", "0.25,0.5,0.75")
     rounds: int = doc("timed rounds, one step of each method per round; 0 = no timing", 3)
@@ -76,6 +82,15 @@ def parse_bytes(text: str) -> int:
         raise LeanftError(f"mem_budget must be a memory size such as 2GB or 1500MiB, or auto; got {text!r}")
     scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
     return int(float(match.group(1)) * scale)
+
+
+def _parse_optimizers(text: str | None) -> list[str]:
+    names = [name.strip() for name in str(text or "").split(",") if name.strip()]
+    for name in names:
+        problem = "adamw runs in every row: name only others" if name == "adamw" else optimizer_problem(name)
+        if problem:
+            raise LeanftError(f"optimizers: {problem}")
+    return names
 
 
 def _parse_rates(text: str) -> list[float]:
@@ -130,7 +145,8 @@ def resolve(options: BenchOptions) -> BenchPlan:
     filled.len_step = filled.len_step or max(8, filled.seq_len // 8)
     filled.max_len_cap = filled.max_len_cap or 8 * filled.seq_len
     peer = options.peer and filled.dtype != PEER_DTYPE
-    methods = build_methods(bases, _parse_rates(options.rates), chunked=options.chunked, peer=peer)
+    methods = build_methods(bases, _parse_rates(options.rates), chunked=options.chunked, peer=peer,
+                            optimizers=_parse_optimizers(options.optimizers))
     try:
         searched = parse_method_keys(filled.max_len_methods, methods)
     except ValueError as error:

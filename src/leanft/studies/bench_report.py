@@ -29,39 +29,52 @@ BASELINE = "lora"
 PEER_DTYPE = "float32"  # what a user gets from peft + transformers with no dtype set
 PEER = f"{BASELINE}@{PEER_DTYPE}"  # the key of that row
 MIB = 1024 * 1024
+OPTIMIZER_LABELS = {"adamw": "", "apollo": " + APOLLO", "apollo-mini": " + APOLLO-Mini"}
 
 
 @dataclass(frozen=True)
 class Method:
     """One row of the benchmark: a base method, optionally with DropBP at ``rate`` or with every branch dropped,
     optionally with the chunked loss (``leanft.core.chunked_loss``), optionally in its own ``dtype`` (else the
-    bench's)."""
+    bench's), with AdamW or another of train's optimizers (``apollo``, ``apollo-mini``)."""
 
     base: str
     rate: float = 0.0
     floor: bool = False
     chunked: bool = False
     dtype: str | None = None
+    optimizer: str = "adamw"
+
+    @property
+    def worker(self) -> tuple[str, str | None, str]:
+        """What its timing worker holds: (base, dtype, optimizer); methods differing only in DropBP share one."""
+        return self.base, self.dtype, self.optimizer
+
+    @property
+    def stem(self) -> str:
+        """The base with a non-default optimizer: ``full``, ``full+apollo``."""
+        return self.base if self.optimizer == "adamw" else f"{self.base}+{self.optimizer}"
 
     @property
     def key(self) -> str:
         """Stable identifier, e.g. ``paca``, ``paca+dropbp0.5``, ``paca+floor``, ``qpaca+dropbp0.5+chunked``."""
         suffix = ("+chunked" if self.chunked else "") + (f"@{self.dtype}" if self.dtype else "")
         if self.floor:
-            return f"{self.base}+floor{suffix}"
-        return (f"{self.base}+dropbp{self.rate:g}" if self.rate else self.base) + suffix
+            return f"{self.stem}+floor{suffix}"
+        return (f"{self.stem}+dropbp{self.rate:g}" if self.rate else self.stem) + suffix
 
     @property
     def label(self) -> str:
         """Human-readable name for tables and charts."""
         chunked = " + chunked loss" if self.chunked else ""
+        optimizer = OPTIMIZER_LABELS[self.optimizer]
         if self.dtype:
             return f"{BASE_LABELS[self.base]}, {self.dtype} (transformers' default)"
         if self.floor:
-            return f"{SHORT_LABELS[self.base]} floor (all dropped){chunked}"
+            return f"{SHORT_LABELS[self.base]}{optimizer} floor (all dropped){chunked}"
         if self.rate:
-            return f"{SHORT_LABELS[self.base]} + DropBP {self.rate:g}{chunked}"
-        return BASE_LABELS[self.base] + chunked + (" (baseline)" if self.base == BASELINE and not chunked else "")
+            return f"{SHORT_LABELS[self.base]}{optimizer} + DropBP {self.rate:g}{chunked}"
+        return BASE_LABELS[self.base] + optimizer + chunked + (" (baseline)" if self.key == BASELINE else "")
 
     @property
     def uses_dropbp(self) -> bool:
@@ -70,18 +83,25 @@ class Method:
 
 
 def build_methods(
-    bases: Sequence[str], rates: Sequence[float], chunked: bool = False, peer: bool = False
+    bases: Sequence[str],
+    rates: Sequence[float],
+    chunked: bool = False,
+    peer: bool = False,
+    optimizers: Sequence[str] = (),
 ) -> list[Method]:
     """Table order: (with ``peer``, LoRA in float32 first), plain methods, then each base with DropBP at every
-    rate, then each base's floor; with ``chunked``, then every one of those but the floors again with the
-    chunked loss."""
+    rate, then each base's floor; then each base with every one of ``optimizers``, alone and at every rate; with
+    ``chunked``, then every one of those but the floors again with the chunked loss."""
     methods = [Method(BASELINE, dtype=PEER_DTYPE)] if peer else []
     methods += [Method(base) for base in bases]
     methods += [Method(base, rate) for base in bases for rate in rates]
     if rates:
         methods += [Method(base, floor=True) for base in bases]
+    for optimizer in optimizers:
+        methods += [Method(base, rate, optimizer=optimizer) for base in bases for rate in (0.0, *rates)]
     if chunked:
-        methods += [Method(m.base, m.rate, chunked=True) for m in methods if not (m.floor or m.dtype)]
+        methods += [Method(m.base, m.rate, chunked=True, optimizer=m.optimizer)
+                    for m in methods if not (m.floor or m.dtype)]
     return methods
 
 
@@ -168,12 +188,13 @@ def summarize(
             "peak_ratio": ratio(mem.get("peak"), base_memory.get("peak")),
             "peak_vs_peer": ratio(mem.get("peak"), memory.get(PEER, {}).get("peak")),
             "train_peak": mem.get("train_peak"),
+            "optimizer_state": mem.get("optimizer_state"),
             "saved": mem.get("saved"),
             "mem_dropped": mem.get("dropped"),
             "max_len": max_len.get(method.key, {}).get("max_len"),
             "len_ratio": ratio(max_len.get(method.key, {}).get("max_len"), base_len),
         }
-        if method.rate and not method.floor and not method.chunked and not method.dtype:
+        if method.rate and not (method.floor or method.chunked or method.dtype) and method.optimizer == "adamw":
             row["vs_interp"] = interpolation_ratio(
                 steps, timing.get(method.base, []), timing.get(Method(method.base, floor=True).key, [])
             )
@@ -199,6 +220,8 @@ COLUMNS: tuple[Column, ...] = (
     ("peak × LoRA", lambda r: fmt(r["peak_ratio"], ".2f", "x")),
     ("peak × LoRA fp32", lambda r: fmt(r["peak_vs_peer"], ".2f", "x")),
     ("train peak (MiB)", lambda r: fmt(None if r["train_peak"] is None else r["train_peak"] / MIB, ",.0f")),
+    ("optimizer state (MiB)", lambda r: fmt(None if r.get("optimizer_state") is None
+                                            else r["optimizer_state"] / MIB, ",.0f")),
     ("saved for bwd (MiB)", lambda r: fmt(None if r["saved"] is None else r["saved"] / MIB, ",.0f")),
     ("max len", lambda r: fmt(r["max_len"], "d")),
     ("len × LoRA", lambda r: fmt(r["len_ratio"], ".2f", "x")),

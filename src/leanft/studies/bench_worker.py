@@ -31,6 +31,7 @@ from leanft.core.precision import trainable_in_fp32
 from leanft.run import models
 from leanft.run.config import TrainConfig
 from leanft.run.methods import METHODS, QUANTIZED_FORMS, attach_method
+from leanft.run.optimizers import build_optimizer, state_bytes
 from leanft.studies.memory import SavedTensorMeter
 
 BASES = (*METHODS, *QUANTIZED_FORMS)  # every registered method and its 4-bit form (qlora, qpaca)
@@ -64,6 +65,7 @@ class Case:
     threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
     release_memory: bool = False  # hand freed blocks back to the OS at once (memory probes, see release_freed_memory)
     compile: bool = False  # torch.compile each branch, as leanft train's compile=true
+    optimizer: str = "adamw"  # or apollo / apollo-mini, as leanft train's optimizer=
 
 
 def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = False) -> nn.Module:
@@ -167,7 +169,7 @@ class Trainee:
             compile_branches(self.model)
         self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=case.lr)
+        self.optimizer = build_optimizer(self.model, case.optimizer, case.lr)
         self.batch = make_batch(vocab_size, case.batch, case.seq_len, case.seed, case.device)
         with torch.no_grad():  # page in weights a safetensors load left memory-mapped, so set-up memory counts them
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
@@ -213,7 +215,7 @@ class Trainee:
         return min(indices, key=lambda i: (self.controller.dropped_fraction(self.controller.sample(i)), i))
 
     def init_optimizer_state(self) -> None:
-        """Allocate AdamW's state (one step on zero gradients) so a measured step sees steady-state memory."""
+        """Allocate the optimizer's state (one step on zero gradients) so a measured step sees steady-state memory."""
         for param in self.params:
             param.grad = torch.zeros_like(param)
         self.optimizer.step()
@@ -232,7 +234,8 @@ class Trainee:
         with SavedTensorMeter(self.model) as meter:
             dropped = self._train_step(rate, floor, index, chunked)
         _sync(device)
-        return {"peak": peak_bytes(device), "setup": setup, "saved": meter.bytes, "dropped": dropped, "index": index}
+        return {"peak": peak_bytes(device), "setup": setup, "saved": meter.bytes, "dropped": dropped, "index": index,
+                "optimizer_state": state_bytes(self.optimizer)}
 
 
 def _quiet() -> None:
