@@ -52,6 +52,7 @@ class InterruptAt(TrainerCallback):
 RESUMED_DROPBP = {
     "allocated": ("dropbp.rate=0.5", "dropbp.allocate_at=0.34"),
     "bf16": ("bf16=true", "dropbp.rate=0.5", "dropbp.allocate_at=0.34"),  # a bf16 base, fp32 columns
+    "apollo": ("optimizer=apollo-mini", "dropbp.rate=0.5", "dropbp.allocate_at=0.34"),  # its projection resumes too
     # interrupted inside the schedule's dropping phase, patterns per micro-batch, the authors' sampler and rule
     "scheduled": (
         "dropbp.rate=0.5", "dropbp.allocate_at=0.34", "dropbp.warmup=0.34", "dropbp.cooldown=0.17",

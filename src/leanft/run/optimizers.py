@@ -9,6 +9,7 @@ narrow column blocks under full APOLLO); the settings are the paper's and transf
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -61,3 +62,16 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state (moments, projections)."""
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()
                for value in state.values() if torch.is_tensor(value))
+
+
+def checkpoint_globals(name: str) -> contextlib.AbstractContextManager:
+    """Allow ``torch.load(weights_only=True)`` (the Trainer's resume) to read this optimizer's saved state.
+
+    APOLLO keeps a ``GradientProjector`` (plain numbers and its projection's seed) in each projected parameter's
+    state; only that class is allowed, and only while a run reads back its own checkpoint.
+    """
+    if name == "adamw":
+        return contextlib.nullcontext()
+    from apollo_torch.random_projector import GradientProjector
+
+    return torch.serialization.safe_globals([GradientProjector])

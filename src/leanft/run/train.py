@@ -44,6 +44,7 @@ from leanft.run.data import TokenizedStream, collate, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
 from leanft.run.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
+from leanft.run.optimizers import checkpoint_globals
 from leanft.run.rundir import (
     BASELINE_FILE,
     SUMMARY_FILE,
@@ -280,7 +281,8 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     started = time.perf_counter()
     resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with checkpoint_globals(config.optimizer):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         named["log"].close()
     wall = time.perf_counter() - started
