@@ -22,6 +22,7 @@ from leanft.core.paca import (
 )
 from leanft.core.paca_layer import PacaLinear
 from leanft.core.quant import QPacaLinear
+from leanft.core.s2ft import apply_s2ft, s2ft_columns
 from leanft.run.models import load_model_and_tokenizer
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "allocate_rates",
     "apply_dropbp",
     "apply_paca",
+    "apply_s2ft",
     "chunked_causal_lm_loss",
     "gradient_fidelity",
     "linear_cross_entropy",
@@ -44,5 +46,6 @@ __all__ = [
     "paca_disabled",
     "paca_modules",
     "remove_paca",
+    "s2ft_columns",
     "save_paca",
 ]
