@@ -167,12 +167,16 @@ BAD_STUDY_OPTIONS = [
     (["bench", "quick=maybe"], "quick="),
     (["bench", "colour=blue"], "unknown key 'colour': see `leanft bench --help`"),
     (["bench", "--quick"], "takes key=value options, e.g. quick=..."),
+    (["bench", "optimizers=lion"], "optimizers: optimizer must be one of adamw, apollo, apollo-mini"),
+    (["bench", "bases=s2ft,bogus"], "bases must name"),
     (["compare", "variants=bogus"], "unknown variant"),
     (["compare", "variants=lora,lora"], "twice"),
     (["compare", "eval_every=0"], "eval_every must be"),
     (["compare", "eval_every=often"], "eval_every="),
     (["compare", "variants=lora:lr=x"], "lr="),
     (["compare", "variants=lora:warmup=0.2"], "without DropBP"),
+    (["compare", "variants=lora,full:optimizer=lion"], "optimizer must be one of"),
+    (["compare", "variants=lora,s2ft:s2ft_ffn=0"], "method=s2ft trains nothing"),
     (["compare", "colour=blue"], "unknown key 'colour': see `leanft train --help`"),
 ]
 
