@@ -138,7 +138,7 @@ METHODS: dict[str, MethodSpec] = {
                    _check_s2ft, own_checkpoints=True),
         MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
                    _merge_lora, _check_lora),
-        MethodSpec("full", "full FT", "full FT", 2e-5, None, _attach_full, _save_pretrained, _load_full,
+        MethodSpec("full", "full FT", "full FT", 1e-4, None, _attach_full, _save_pretrained, _load_full,
                    lambda model: model, _check_nothing),
     )
 }
