@@ -4,11 +4,19 @@
 with error feedback), ``"fp16"`` / ``"bf16"`` send gradients in half precision (bf16 needs CUDA with NCCL).
 leanft implements none of them: it asks accelerate to register PyTorch's own hooks
 (``torch.distributed.algorithms.ddp_comm_hooks``) when it wraps the model in DDP.
+
+PowerSGD gets a process group of its own: its hook issues its second and third all-reduce from the callbacks
+of the first, so on gloo they could interleave with the Trainer's own collectives (the loss gather at a
+logging step) in a different order on each rank, which ended a CPU run with a collective size mismatch.
 """
 
 from __future__ import annotations
 
 import logging
+
+import torch.distributed as dist
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 from leanft.core.errors import LeanftError
 
@@ -36,18 +44,27 @@ def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:
     return None
 
 
+class OwnGroupDDPKwargs(DistributedDataParallelKwargs):
+    """accelerate's DDP settings, registering PowerSGD on a process group of its own (see the module doc)."""
+
+    def register_comm_hook(self, model) -> None:
+        """PyTorch's PowerSGD hook on a new process group; any other hook as accelerate registers it."""
+        if self.comm_hook != DDPCommunicationHookType.POWER_SGD:
+            return super().register_comm_hook(model)
+        state = powerSGD_hook.PowerSGDState(dist.new_group(), **self.comm_state_option)
+        model.register_comm_hook(state=state, hook=powerSGD_hook.powerSGD_hook)
+        return None
+
+
 def set_comm_hook(accelerator, hook: str | None, rank: int = 4) -> None:
     """Have ``accelerator`` register the DDP communication hook ``hook`` (one of ``COMM_HOOKS``; None: no hook)
     on its DDP model."""
-    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
-
     if hook is None:
         return
     if hook not in COMM_HOOKS:
         raise LeanftError(comm_hook_problem(hook, cuda=True))
-    if accelerator.ddp_handler is None:
-        accelerator.ddp_handler = DistributedDataParallelKwargs()
-    handler = accelerator.ddp_handler
+    previous = accelerator.ddp_handler or DistributedDataParallelKwargs()
+    handler = accelerator.ddp_handler = OwnGroupDDPKwargs(**previous.to_kwargs())
     handler.comm_hook = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
                          "powersgd": DDPCommunicationHookType.POWER_SGD}[hook]
     handler.comm_state_option = powersgd_options(rank) if hook == "powersgd" else {}
