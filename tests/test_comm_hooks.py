@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+from accelerate.utils import DDPCommunicationHookType
 from conftest import tiny_batch, tiny_model
 from test_distributed import WORLD, assert_ok, torchrun
 
 from leanft.cli import main
-from leanft.core.comm_hooks import powersgd_options, set_comm_hook
+from leanft.core.comm_hooks import OwnGroupDDPKwargs, powersgd_options, set_comm_hook
 from leanft.core.distributed import full_tensor, gather_objects, init_distributed, rank
 from leanft.core.errors import LeanftError
 
 STEPS = 4
+BUCKET_MB = 0.02  # the tiny Llama's 95 KB of gradients in several DDP buckets, as a real model has
 HOOKS = {
     "none": None,
     "powersgd-full": (DDPCommunicationHookType.POWER_SGD, powersgd_options(rank=64, min_compression_rate=0)),
@@ -62,9 +63,9 @@ def work(out: Path, spec: str | None) -> None:
     for name, hook in HOOKS.items():
         torch.manual_seed(0)
         model = build(spec)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        if hook is not None:  # what accelerate does with DistributedDataParallelKwargs(comm_hook=...)
-            DistributedDataParallelKwargs(comm_hook=hook[0], comm_state_option=hook[1]).register_comm_hook(ddp)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB)  # several buckets
+        if hook is not None:  # what leanft has accelerate do (DistributedDataParallelKwargs(comm_hook=...))
+            OwnGroupDDPKwargs(comm_hook=hook[0], comm_state_option=hook[1]).register_comm_hook(ddp)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         losses, sent = [], []
         vocab = model.config.vocab_size

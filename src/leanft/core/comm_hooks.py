@@ -5,9 +5,11 @@ with error feedback), ``"fp16"`` / ``"bf16"`` send gradients in half precision (
 leanft implements none of them: it asks accelerate to register PyTorch's own hooks
 (``torch.distributed.algorithms.ddp_comm_hooks``) when it wraps the model in DDP.
 
-PowerSGD gets a process group of its own: its hook issues its second and third all-reduce from the callbacks
-of the first, so on gloo they could interleave with the Trainer's own collectives (the loss gather at a
-logging step) in a different order on each rank, which ended a CPU run with a collective size mismatch.
+PowerSGD's hook issues its second and third all-reduce from the callbacks of the first. On gloo those
+interleaved, in a different order on each rank, with the next bucket's all-reduces and with the Trainer's own
+collectives (the loss gather at a logging step), and a CPU run ended with a collective size mismatch. leanft
+therefore runs PowerSGD on a process group of its own and finishes each bucket's exchange before DDP hands
+over the next bucket (``in_order_powersgd_hook``): the order of collectives is then the same on every rank.
 """
 
 from __future__ import annotations
@@ -44,15 +46,22 @@ def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:
     return None
 
 
+def in_order_powersgd_hook(state, bucket):
+    """PyTorch's ``powerSGD_hook`` with the bucket's whole exchange finished before it returns."""
+    future = powerSGD_hook.powerSGD_hook(state, bucket)
+    future.wait()
+    return future
+
+
 class OwnGroupDDPKwargs(DistributedDataParallelKwargs):
     """accelerate's DDP settings, registering PowerSGD on a process group of its own (see the module doc)."""
 
     def register_comm_hook(self, model) -> None:
-        """PyTorch's PowerSGD hook on a new process group; any other hook as accelerate registers it."""
+        """PyTorch's PowerSGD on a new process group, one bucket at a time; any other hook as accelerate does."""
         if self.comm_hook != DDPCommunicationHookType.POWER_SGD:
             return super().register_comm_hook(model)
         state = powerSGD_hook.PowerSGDState(dist.new_group(), **self.comm_state_option)
-        model.register_comm_hook(state=state, hook=powerSGD_hook.powerSGD_hook)
+        model.register_comm_hook(state=state, hook=in_order_powersgd_hook)
         return None
 
 
