@@ -57,14 +57,19 @@ def _linear_flops_per_token(module: nn.Module) -> float:
     return sum(_linear_flops_per_token(child) for child in module.children())
 
 
+def text_config(config):
+    """The language model's part of a model config (a multimodal config's text config), or ``config`` itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _attention_flops_per_token_sq(config) -> float:
     """Score (QK^T) and value (AV) products: 2 * 2 * heads * head_dim FLOPs per (query, key) pair."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text_config, "num_attention_heads", None)
-    hidden = getattr(text_config, "hidden_size", None)
+    lm_config = text_config(config)
+    heads = getattr(lm_config, "num_attention_heads", None)
+    hidden = getattr(lm_config, "hidden_size", None)
     if not heads or not hidden:
         return 0.0
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    head_dim = getattr(lm_config, "head_dim", None) or hidden // heads
     return 4.0 * heads * head_dim
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanft.core.blocks import find_branches, linear_dims
+from leanft.core.blocks import find_branches, linear_dims, text_config
 from leanft.core.errors import LeanftError
 from leanft.core.paca import paca_modules, train_columns
 
@@ -40,19 +40,14 @@ def _output_projection(branch_modules: list[nn.Module], names: dict[int, str], h
     return found
 
 
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _head_count(model: nn.Module) -> int:
-    heads = getattr(_text_config(model), "num_attention_heads", None)
+    heads = getattr(text_config(getattr(model, "config", None)), "num_attention_heads", None)
     if not heads:
         raise LeanftError("S2FT needs config.num_attention_heads to split the attention output into heads")
     return int(heads)
 
 
-Unit = tuple[str, torch.Tensor]  # (output projection's name, the input columns of one head or channel)
+Unit = tuple[str, int, int]  # (output projection's name, first input column, columns) of one head or channel
 
 
 def _draw(pool: list[Unit], ratio: float, generator: torch.Generator) -> list[Unit]:
@@ -78,7 +73,7 @@ def s2ft_columns(
         if not 0.0 <= ratio <= 1.0:
             raise LeanftError(f"s2ft_{key} must be in [0, 1] (share of all {key} channels/heads), got {ratio}")
     names = {id(module): name for name, module in model.named_modules()}
-    hidden = getattr(_text_config(model), "hidden_size", None)
+    hidden = getattr(text_config(getattr(model, "config", None)), "hidden_size", None)
     if not hidden:
         raise LeanftError("S2FT needs config.hidden_size to find each branch's output projection")
     head_count = _head_count(model) if heads > 0 else 1
@@ -86,12 +81,12 @@ def s2ft_columns(
     for branch in find_branches(model, blocks, attn, mlp):
         name, width = _output_projection(branch.modules, names, hidden)
         if branch.kind == "mlp":
-            channel_pool += [(name, torch.tensor([channel])) for channel in range(width)]
+            channel_pool += [(name, channel, 1) for channel in range(width)]
         elif heads > 0:
             if width % head_count:
                 raise LeanftError(f"{name} has {width} inputs, not a multiple of the {head_count} attention heads")
             size = width // head_count
-            head_pool += [(name, torch.arange(h * size, (h + 1) * size)) for h in range(head_count)]
+            head_pool += [(name, h * size, size) for h in range(head_count)]
     generator = torch.Generator().manual_seed(seed)
     chosen = _draw(head_pool, heads, generator) + _draw(channel_pool, ffn, generator)
     if not chosen:
@@ -99,8 +94,8 @@ def s2ft_columns(
             f"s2ft_ffn={ffn} and s2ft_heads={heads} select no channel or head of this model; raise one of them"
         )
     columns: dict[str, list[torch.Tensor]] = {}
-    for name, unit in chosen:
-        columns.setdefault(name, []).append(unit)
+    for name, first, size in chosen:
+        columns.setdefault(name, []).append(torch.arange(first, first + size))
     return {name: torch.cat(units).sort().values for name, units in columns.items()}
 
 
