@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -97,6 +98,23 @@ def test_compare_trains_each_variant_and_reports_time_to_quality(model_dir, data
     assert fresh == pytest.approx(rows["paca+dropbp"]["final_heldout_loss"], rel=1e-5)
 
 
+def test_a_budgeted_study_sets_each_variants_steps_from_its_probe(model_dir, data_file, tmp_path):
+    study = tmp_path / "study"
+    items = [f"model={model_dir}", f"data={data_file}", f"output_dir={study}", "variants=lora,paca", "eval_every=5",
+             "budget_s=0.6", "logging_steps=1", *TINY]
+    result = run_compare(items)
+    assert result["settings"]["budget_s"] == 0.6
+    for row in result["variants"]:
+        assert row["probe_s_per_step"] > 0 and (study / "probes" / row["variant"] / "summary.json").is_file()
+        assert row["steps"] == max(1, int(0.6 / row["probe_s_per_step"])) != 4  # not max_steps
+        metrics = [json.loads(line) for line in (study / row["variant"] / "metrics.jsonl").read_text().splitlines()]
+        rates = [m["learning_rate"] for m in metrics if "learning_rate" in m]
+        steps, warmup = row["steps"], round(0.05 * row["steps"])  # the cosine's length is the budgeted steps
+        last = 0.5 * (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup))) if steps > 1 + warmup else None
+        assert len(rates) == steps and (last is None or rates[-1] == pytest.approx(row["lr"] * last))
+        assert row["curve"][-1]["step"] == row["steps"]
+
+
 def test_table_has_a_row_per_variant_and_dashes_where_not_reached():
     rows = [
         {"variant": v, "lr": 1e-3, "steps": 4, "train_time_s": 8.0, "final_heldout_loss": 0.5, "accuracy": 0.25,
@@ -115,6 +133,7 @@ def test_table_has_a_row_per_variant_and_dashes_where_not_reached():
         (["variants=lora,qlora"], "unknown variant"),
         (["variants=lora,lora"], "twice"),
         (["eval_every=0"], "eval_every"),
+        (["budget_s=0"], "budget_s"),
         (["dropbp.allocate_at=null", "variants=lora,paca+dropbp"], "allocate_at"),
     ],
 )

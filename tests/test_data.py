@@ -121,7 +121,9 @@ def test_packing_keeps_per_example_masks(tiny_chat_tokenizer):
         for i in range(0, len(ids), 16)
         if any(lab != IGNORE_INDEX for lab in labels[i : i + 16])  # prompt-only blocks teach nothing
     ]
-    assert pack_features(features, block_size=16) == expected
+    blocks = pack_features(features, block_size=16)
+    assert [{key: b[key] for key in ("input_ids", "labels")} for b in blocks] == expected
+    assert all(b["position_ids"][0] == 0 and len(b["position_ids"]) == len(b["input_ids"]) for b in blocks)
     assert len(expected) < -(-len(ids) // 16)  # this data does have a prompt-only block
     packed = tokenize_dataset(records, tiny_chat_tokenizer, max_seq_len=16, pack=True)
     assert all(any(lab != IGNORE_INDEX for lab in b["labels"]) for b in packed)

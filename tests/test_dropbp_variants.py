@@ -108,9 +108,9 @@ def test_official_greedy_cost_ignores_flops():
 
 def test_patterns_per_step_splits_the_batch_into_micro_batches(tmp_path):
     config = load_config(None, ["batch_size=8", "grad_accum=2", "dropbp.rate=0.5", "dropbp.patterns_per_step=4"])
-    args = training_arguments(config, tmp_path, dropbp_on=True)
+    args = training_arguments(config, tmp_path, dropbp_on=True, padding_free=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 8)
-    plain = training_arguments(config, tmp_path, dropbp_on=False)
+    plain = training_arguments(config, tmp_path, dropbp_on=False, padding_free=False)
     assert (plain.per_device_train_batch_size, plain.gradient_accumulation_steps) == (8, 2)
     with pytest.raises(leanft.LeanftError, match="patterns_per_step"):
         load_config(None, ["batch_size=8", "dropbp.patterns_per_step=3"])

@@ -21,6 +21,7 @@ from leanft.core.paca import (
     save_paca,
 )
 from leanft.core.paca_layer import PacaLinear
+from leanft.core.packed import flatten_examples, packed_attention_mode
 from leanft.core.quant import QPacaLinear
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
 from leanft.run.models import load_model_and_tokenizer
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DropBP",
+    "flatten_examples",
+    "packed_attention_mode",
     "DropBPCallback",
     "LeanftError",
     "PacaLinear",

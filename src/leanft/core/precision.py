@@ -20,6 +20,27 @@ def bf16_supported(device_type: str) -> bool:
     return device_type == "cpu" and cpu_has_bf16_matmul()
 
 
+def precision_choice(device_type: str, setting: str) -> str:
+    """The compute precision a ``bf16`` setting (``auto | true | false``) gives on ``device_type``, and why.
+
+    For example ``"fp32: this CPU has no native bf16 (AVX2)"`` or ``"bf16: AVX-512 BF16"``.
+    """
+    native = bf16_supported(device_type)
+    if device_type == "cuda":
+        hardware = f"{torch.cuda.get_device_name()} computes bf16" if native else "this GPU has no native bf16"
+    elif torch.cpu._is_amx_tile_supported():
+        hardware = "AMX"
+    elif native:
+        hardware = "AVX-512 BF16"
+    else:
+        hardware = f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()})"
+    if setting == "false":
+        return "fp32: bf16=false"
+    if setting == "true":
+        return "bf16: bf16=true" + ("" if native else f", emulated ({hardware})")
+    return f"{'bf16' if native else 'fp32'}: {hardware}"
+
+
 def trainable_in_fp32(model: nn.Module) -> nn.Module:
     """Give every trainable floating-point parameter of ``model`` an fp32 master copy (in place); returns it."""
     for parameter in model.parameters():

@@ -20,7 +20,7 @@ from leanft.core.comm_hooks import comm_hook_problem
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
-from leanft.core.precision import bf16_supported
+from leanft.core.precision import bf16_supported, precision_choice
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, assign, doc, options_help
@@ -166,7 +166,14 @@ class TrainConfig:
     batch_size: int = doc("examples per device per step", 8)
     grad_accum: int = doc("gradient accumulation steps", 1)
     max_seq_len: int = doc("tokens per example (longer ones are truncated) or per packed block", 256)
-    packing: bool = doc("concatenate examples into max_seq_len blocks", False)
+    padding_free: bool = doc(
+        "each batch's examples in one row without padding, each attending only to itself (position ids restart at "
+        "every example); false = right-padded rows",
+        True,
+    )
+    packing: bool = doc(
+        "concatenate examples into max_seq_len blocks (padding-free rows; examples in a block stay apart)", False
+    )
     gradient_checkpointing: bool = doc("recompute activations in backward (non-reentrant)", False)
     quantize: str | None = doc("null | 4bit: frozen base in bitsandbytes nf4 (QPaCA / QLoRA; needs bitsandbytes)", None)
     chunked_loss: bool = doc(
@@ -222,6 +229,10 @@ class TrainConfig:
         if self.bf16 == "auto":
             return bf16_supported(device_type)
         return self.bf16 == "true"
+
+    def precision(self) -> str:
+        """The compute precision of the run and why, e.g. ``fp32: this CPU has no native bf16 (AVX2)``."""
+        return precision_choice("cuda" if torch.cuda.is_available() else "cpu", self.bf16)
 
     def base_dtype(self) -> torch.dtype:
         """The dtype the frozen base is loaded in: bf16 with bf16 compute (a 4-bit base keeps its own)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leanft.core.chunked_loss import IGNORE_INDEX
 from leanft.core.errors import LeanftError
+from leanft.core.packed import BLOCK_MASK, flatten_examples
 from leanft.run.tasks import Scorer, same_text
 
 Record = dict
@@ -173,16 +175,20 @@ class TokenizedStream(torch.utils.data.IterableDataset):
 def pack_features(features: Sequence[Feature], block_size: int) -> list[Feature]:
     """Concatenate examples and cut the stream into blocks of ``block_size`` tokens (the last may be short).
 
-    Labels stay masked per example, so the loss still covers only answers. Caveat: attention is not reset
-    at example boundaries, so a token can attend to earlier, unrelated examples in its block, and position
-    ids run on across them. That is the usual trade of packing for fewer padding tokens.
+    Labels stay masked per example, so the loss still covers only answers. Each block carries ``position_ids`` that
+    restart at every example and at the block's start (the rest of an example cut by a block boundary counts as an
+    example of its own), so a padding-free batch (``Collator``) keeps the examples in a block apart.
     """
     input_ids = [token for f in features for token in f["input_ids"]]
     labels = [label for f in features for label in f["labels"]]
-    blocks = [
-        {"input_ids": input_ids[start : start + block_size], "labels": labels[start : start + block_size]}
-        for start in range(0, len(input_ids), block_size)
-    ]
+    positions = [position for f in features for position in range(len(f["input_ids"]))]
+    blocks = []
+    for start in range(0, len(input_ids), block_size):
+        block_positions = positions[start : start + block_size]
+        head = next((i for i, position in enumerate(block_positions) if position == 0), len(block_positions))
+        block_positions[:head] = range(head)  # a cut example's continuation starts at position 0
+        blocks.append({"input_ids": input_ids[start : start + block_size], "labels": labels[start : start + block_size],
+                       "position_ids": block_positions})
     return [b for b in blocks if any(label != IGNORE_INDEX for label in b["labels"])]
 
 
@@ -204,6 +210,32 @@ def collate(
         batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
         batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+@dataclass
+class Collator:
+    """The training batches of a run: padded rows, or padding-free rows (``packing``: one of the modes of
+    ``leanft.core.packed``); counts the tokens it computes and how many of them are examples' own."""
+
+    pad_token_id: int
+    packing: str | None = None  # None: padded; POSITIONS or BLOCK_MASK: one row per batch, examples kept apart
+    mask_dtype: torch.dtype = torch.float32
+    example_tokens: int = 0
+    computed_tokens: int = 0
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+        """The batch of ``features``, counted."""
+        if self.packing is None:
+            batch = collate(features, self.pad_token_id)
+        else:
+            batch = flatten_examples(features, block_mask=self.packing == BLOCK_MASK, mask_dtype=self.mask_dtype)
+        self.example_tokens += sum(len(f["input_ids"]) for f in features)
+        self.computed_tokens += batch["input_ids"].numel()
+        return batch
+
+    def padding_share(self) -> float:
+        """The share of the tokens computed so far that are padding (0.0 before the first batch)."""
+        return 1.0 - self.example_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -8,6 +8,7 @@ so a crash mid-save never leaves a checkpoint that ``resume=true`` would pick up
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -30,7 +31,9 @@ from leanft.core.distributed import (
     world_size,
 )
 from leanft.core.dropbp import DropBP
+from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_dir, write_json
+from leanft.core.packed import POSITIONS, packed_attention_mode
 from leanft.core.precision import trainable_in_fp32
 from leanft.run.callbacks import (
     HeldoutCurveCallback,
@@ -40,7 +43,7 @@ from leanft.run.callbacks import (
     trim_metrics,
 )
 from leanft.run.config import TrainConfig
-from leanft.run.data import TokenizedStream, collate, tokenize_and_count
+from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
 from leanft.run.methods import ADAPTER_DIR, attach_dropbp, attach_method, load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
@@ -124,7 +127,7 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     transformers.set_seed(config.seed)
     logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
-    logger.info("loading model %s", config.model)
+    logger.info("loading model %s; compute precision %s", config.model, config.precision())
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
     method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
     if config.streaming:
@@ -178,21 +181,22 @@ def build_trainer(
     controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
     if config.fsdp:
         shard_for_trainer(model)
-    collator = functools.partial(collate, pad_token_id=inputs.tokenizer.pad_token_id)
     named = {"log": RunLogCallback(inputs.run_dir), "interrupt": InterruptCallback()}
     if config.eval_steps:
         pad = inputs.tokenizer.pad_token_id
         named["curve"] = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
     if controller is not None:
         device = next(model.parameters()).device
-        named["dropbp"] = dropbp_callback(config, controller, inputs.features, collator, device)
+        allocation_collator = dataclasses.replace(collator)  # its batches are not training's: counted apart
+        named["dropbp"] = dropbp_callback(config, controller, inputs.features, allocation_collator, device)
         if world_size() > 1 and not config.fsdp:
             logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
     trainer = LeanftTrainer(
         model=model,
-        args=training_arguments(config, inputs.run_dir, controller is not None),
+        args=training_arguments(config, inputs.run_dir, controller is not None, collator.packing is not None),
         train_dataset=inputs.features,
         data_collator=collator,
         callbacks=[*named.values(), *extra_callbacks],
@@ -207,6 +211,34 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, named
+
+
+def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator:
+    """Padded or padding-free training batches (``padding_free``, ``packing``), as the model's attention allows."""
+    if not (config.padding_free or config.packing):
+        return Collator(pad_token_id)
+    mode = packed_attention_mode(model)
+    if mode is None and config.packing:
+        raise LeanftError("packing=true: this model's attention does not keep the examples of a block apart "
+                          "(neither from position ids nor from a 4D mask): use packing=false")
+    if mode is None:
+        logger.warning("this model's attention does not keep examples in one row apart: padded batches instead")
+        return Collator(pad_token_id)
+    logger.info("padding-free batches: one row per batch, examples kept apart by %s",
+                "restarting position ids" if mode == POSITIONS else "a block-diagonal 4D attention mask")
+    return Collator(pad_token_id, mode, mask_dtype=model.get_input_embeddings().weight.dtype)
+
+
+@contextlib.contextmanager
+def without_kv_cache(model):
+    """Training forwards build no KV cache (with one, transformers would not keep packed examples apart)."""
+    config = model.config
+    was = getattr(config, "use_cache", None)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = was
 
 
 def run_metrics(run_log: RunLogCallback, controller: DropBP | None) -> dict[str, float]:
@@ -250,6 +282,8 @@ def summarise(
         "steps": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(named["log"].tokens_per_second(trainer.state), 1),
+        "padding_share": round(trainer.data_collator.padding_share(), 4),
+        "precision": config.precision(),
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "heldout_loss_before": before["loss"],
@@ -281,7 +315,7 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     started = time.perf_counter()
     resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
     try:
-        with checkpoint_globals(config.optimizer):
+        with checkpoint_globals(config.optimizer), without_kv_cache(trainer.model):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         named["log"].close()

@@ -107,8 +107,10 @@ class LeanftTrainer(TrainerCheckpointHooks, Trainer):
             rotate_checkpoints(folder.parent, self.keep_checkpoints)
 
 
-def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> TrainingArguments:
+def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool, padding_free: bool) -> TrainingArguments:
     """The ``TrainingArguments`` for a run (checkpoints in the run folder; metrics also to ``report_to``).
+
+    ``padding_free``: the batches hold no padding, so every input token counts as seen.
 
     With DropBP on, ``dropbp.patterns_per_step`` micro-batches make up each device's batch (each forward draws
     its own pattern); the examples of a step and the effective batch stay the same.
@@ -133,7 +135,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool) -> T
         report_to=config.report_to or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=True if dropbp_on else None,
         ddp_timeout=config.ddp_timeout,

@@ -4,18 +4,23 @@ Each variant is a ``leanft train`` run (in ``OUTPUT_DIR/<variant>/``) that measu
 ``eval_every`` steps (``eval_steps`` of ``leanft train``). Training time excludes those evaluations and includes
 everything a method costs (DropBP's allocation too). The first variant is the baseline: a variant's
 time-to-quality is the training time at which its held-out loss first reaches the baseline's final one.
+With ``budget_s`` the variants get equal training time instead of equal steps: a short probe run measures each
+variant's step time, and its schedule is set to the steps that fit (so the cosine anneals within the budget).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path, write_json
+from leanft.run.callbacks import METRICS_FILE
 from leanft.run.config import TrainConfig, apply_overrides, load_config
 from leanft.run.methods import METHODS
 from leanft.run.options import apply_items, doc, split_items
@@ -38,6 +43,8 @@ def study_variants() -> dict[str, dict]:
 VARIANTS = study_variants()
 DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
 STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
+PROBE_STEPS = 6  # a budgeted variant's probe run; its first step (warm-up, allocation) does not set the median
+PROBE_DIR = "probes"
 RESULT_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare_loss.png"
@@ -55,11 +62,19 @@ class CompareOptions:
         DEFAULT_VARIANTS,
     )
     eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
+    budget_s: float | None = doc(
+        "equal wall time instead of equal steps: each variant trains for about this many seconds (evaluation "
+        f"excluded); its step count, and so its schedule's length, comes from the median step time of a "
+        f"{PROBE_STEPS}-step probe run; null = every variant runs max_steps",
+        None,
+    )
 
     def validate(self) -> CompareOptions:
         """Raise a LeanftError naming the first bad option; normalises ``variants``; returns self."""
         if self.eval_every < 1:
             raise LeanftError(f"eval_every must be a whole number >= 1, got {self.eval_every!r}")
+        if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
+            raise LeanftError(f"budget_s must be a number of seconds > 0 (or null), got {self.budget_s!r}")
         names = [name.strip() for name in self.variants.split(",") if name.strip()]
         unknown = [name for name in names if variant_base(name) not in VARIANTS]
         if unknown or not names:
@@ -143,6 +158,26 @@ def run_variant(config: TrainConfig, baseline: dict | None) -> tuple[dict, list[
     return summary, [start, *summary["heldout_curve"]]
 
 
+def probe_step_time(config: TrainConfig, probe_dir: Path, baseline: dict | None) -> float:
+    """Median seconds per optimizer step of ``config``, from a ``PROBE_STEPS``-step run in ``probe_dir``.
+
+    The probe evaluates on one held-out example and saves no checkpoint; the first step is not counted.
+    """
+    from leanft.run.train import train
+
+    probe = dataclasses.replace(config, max_steps=PROBE_STEPS, output_dir=str(probe_dir), eval_steps=0,
+                                logging_steps=1, save_steps=PROBE_STEPS + 1, num_eval=1, max_new_tokens=1)
+    train(probe.validate(), baseline=baseline)
+    lines = [json.loads(line) for line in (probe_dir / METRICS_FILE).read_text().splitlines()]
+    elapsed = [line["elapsed_s"] for line in lines if "loss" in line]
+    return statistics.median(later - earlier for earlier, later in itertools.pairwise(elapsed))
+
+
+def budgeted(config: TrainConfig, budget_s: float, step_s: float) -> TrainConfig:
+    """``config`` with as many steps as fit in ``budget_s`` at ``step_s`` seconds each (at least 1)."""
+    return dataclasses.replace(config, max_steps=max(1, int(budget_s / step_s)))
+
+
 def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict[str, list[dict]]) -> list[dict]:
     """One result per variant: final loss and accuracy, times, and time-to-quality against the first variant."""
     baseline = names[0]
@@ -181,17 +216,26 @@ def run_compare(items: Sequence[str]) -> dict:
     study_dir = prepare_study_dir(base)
     configs = {name: variant_config(base, name, study_dir, options.eval_every) for name in names}
     study_dir.mkdir(parents=True, exist_ok=True)
-    summaries, curves, baseline = {}, {}, None
+    summaries, curves, baseline, step_times = {}, {}, None, {}
     for index, name in enumerate(names, start=1):
-        logger.info("[%d/%d] %s: training %d steps", index, len(names), name, base.max_steps)
-        summaries[name], curves[name] = run_variant(configs[name], baseline)
+        config = configs[name]
+        if options.budget_s is not None:
+            step_times[name] = probe_step_time(config, study_dir / PROBE_DIR / name, baseline)
+            config = budgeted(config, options.budget_s, step_times[name])
+            logger.info("[%d/%d] %s: %.2f s/step in its probe, so %d steps in %g s", index, len(names), name,
+                        step_times[name], config.max_steps, options.budget_s)
+        logger.info("[%d/%d] %s: training %d steps", index, len(names), name, config.max_steps)
+        summaries[name], curves[name] = run_variant(config, baseline)
         if baseline is None:  # the untrained model is the same for every variant: evaluate it once
             baseline = json.loads((study_dir / names[0] / BASELINE_FILE).read_text())
     rows = study_results(names, summaries, curves)
+    for row in rows:
+        row["probe_s_per_step"] = step_times.get(row["variant"])
     result = {
         "baseline": names[0],
         "settings": {"model": base.model, "data": base.data, "max_steps": base.max_steps, "seed": base.seed,
-                     "batch_size": base.batch_size, "r": base.r, "eval_every": options.eval_every},
+                     "batch_size": base.batch_size, "r": base.r, "eval_every": options.eval_every,
+                     "budget_s": options.budget_s},
         "accuracy_before": summaries[names[0]]["accuracy_before"],
         "heldout_loss_before": summaries[names[0]]["heldout_loss_before"],
         "variants": rows,
@@ -199,7 +243,8 @@ def run_compare(items: Sequence[str]) -> dict:
     table = render_table(rows, names[0])
     with atomic_path(study_dir / TABLE_FILE) as temporary:
         temporary.write_text(table + "\n")
-    plot_curves(rows, study_dir / PLOT_FILE, title=f"{base.model} on {base.data}, {base.max_steps} steps")
+    length = f"{options.budget_s:g} s each" if options.budget_s is not None else f"{base.max_steps} steps"
+    plot_curves(rows, study_dir / PLOT_FILE, title=f"{base.model} on {base.data}, {length}")
     write_json(study_dir / RESULT_FILE, result)
     print(table)
     print(f"\nwritten: {study_dir / RESULT_FILE}, {study_dir / TABLE_FILE}, {study_dir / PLOT_FILE}")

@@ -1,0 +1,98 @@
+"""Padding-free batches: a batch's examples in one row, each attending only to itself.
+
+``flatten_examples`` concatenates examples into a single row with ``position_ids`` that restart at every example,
+and labels masked at every example start, so the loss of the row is the padded batch's loss (the last token of an
+example never predicts the next example's first token). ``transformers`` keeps such examples apart by itself when
+it gets ``position_ids`` without an ``attention_mask`` and no cache (it derives a block-diagonal mask for eager and
+SDPA attention, and sequence boundaries for flash attention). Models that ignore ``position_ids`` for masking
+(OPT, for example) get the block-diagonal causal mask as an explicit 4D additive mask instead (``block_mask=True``).
+``packed_attention_mode(model)`` finds out which of the two a model honours, from two tiny forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from leanft.core.chunked_loss import IGNORE_INDEX
+
+POSITIONS = "positions"  # transformers derives the block-diagonal mask from restarting position ids
+BLOCK_MASK = "block_mask"  # leanft passes the block-diagonal causal mask as a 4D additive mask
+
+
+def sequence_starts(position_ids: Sequence[int]) -> list[bool]:
+    """Whether each token starts an example: its position id is 0 or does not follow the previous one by 1."""
+    return [i == 0 or pos != position_ids[i - 1] + 1 for i, pos in enumerate(position_ids)]
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (1, 1, T, T) additive mask of one packed row: 0 where a token may attend (itself and earlier tokens of
+    its own example), the dtype's minimum elsewhere."""
+    starts = torch.tensor(sequence_starts(position_ids.tolist()), device=position_ids.device)
+    example = starts.cumsum(0)
+    allowed = (example[:, None] == example[None, :]) & torch.ones(
+        len(example), len(example), dtype=torch.bool, device=position_ids.device
+    ).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def flatten_examples(
+    features: Sequence[dict[str, Sequence[int]]], block_mask: bool = False, mask_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """One (1, T) row of ``input_ids``, ``labels`` and ``position_ids`` from examples of any lengths, no padding.
+
+    An example's ``position_ids`` default to ``0 .. len - 1``; given ones (a packed block) are kept. Every token
+    that starts an example gets label ``-100``. With ``block_mask=True`` the row also gets the block-diagonal causal
+    mask as a 4D ``attention_mask`` of ``mask_dtype`` (for models that do not derive it from ``position_ids``).
+    Run the model on it without a KV cache (``use_cache=False``): with one, transformers does not mask by position.
+    """
+    input_ids, labels, positions = [], [], []
+    for feature in features:
+        ids = list(feature["input_ids"])
+        input_ids += ids
+        labels += list(feature["labels"])
+        positions += list(feature.get("position_ids") or range(len(ids)))
+    labels = [IGNORE_INDEX if start else label for label, start in zip(labels, sequence_starts(positions), strict=True)]
+    batch = {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+    if block_mask:
+        batch["attention_mask"] = block_causal_mask(batch["position_ids"][0], mask_dtype)
+    return batch
+
+
+@torch.no_grad()
+def packed_attention_mode(model: torch.nn.Module) -> str | None:
+    """How ``model`` keeps examples of a padding-free row apart: ``POSITIONS``, ``BLOCK_MASK``, or None (neither).
+
+    Runs a 3-token and a 4-token example alone and packed in one row (eval mode, no cache) and accepts a mode when
+    the packed logits of the second example are at least 10x closer to its logits alone than the logits it gets
+    with the first example in its context: a tolerance that holds in bf16 as in fp32.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        embeddings = model.get_input_embeddings()
+        device, vocab = embeddings.weight.device, embeddings.num_embeddings
+        first, second = [(3 + i * 7) % vocab for i in range(3)], [(5 + i * 11) % vocab for i in range(4)]
+
+        def logits(**batch) -> torch.Tensor:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            return model(**batch, use_cache=False).logits[0, -len(second) :].float()
+
+        alone = logits(input_ids=torch.tensor([second]))
+        leaked = logits(input_ids=torch.tensor([first + second]))
+        leak = (leaked - alone).abs().max()
+        features = [{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}]
+        for mode in (POSITIONS, BLOCK_MASK):
+            row = flatten_examples(features, block_mask=mode == BLOCK_MASK, mask_dtype=embeddings.weight.dtype)
+            row.pop("labels")
+            if (logits(**row) - alone).abs().max() * 10 <= leak:
+                return mode
+        return None
+    finally:
+        model.train(was_training)
