@@ -3,6 +3,7 @@ padded batch's, on several architectures and through ``leanft train``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -14,7 +15,14 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import leanft
 from leanft.cli import main
 from leanft.core.chunked_loss import chunked_causal_lm_loss
-from leanft.core.packed import BLOCK_MASK, POSITIONS, flatten_examples, packed_attention_mode
+from leanft.core.packed import (
+    BLOCK_MASK,
+    POSITIONS,
+    VARLEN_SDPA,
+    flatten_examples,
+    packed_attention_mode,
+    varlen_sdpa,
+)
 from leanft.run.data import Collator, collate, pack_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,18 +45,24 @@ def row_for(model, features) -> dict[str, torch.Tensor]:
     return flatten_examples(features, block_mask=packed_attention_mode(model) == BLOCK_MASK)
 
 
+def attention(model, varlen: bool):
+    """Per-example SDPA (as ``leanft train`` runs) or the model's own attention, masked by position."""
+    return varlen_sdpa(model) if varlen else contextlib.nullcontext()
+
+
 def loss_of(model, batch) -> torch.Tensor:
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     logits = model(**inputs, use_cache=False).logits
     return ForCausalLMLoss(logits, batch["labels"], VOCAB)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("arch", [*NATIVE, "opt"])
-def test_each_example_in_a_packed_row_has_the_logits_and_loss_it_has_alone(arch):
+def test_each_example_in_a_packed_row_has_the_logits_and_loss_it_has_alone(arch, varlen):
     model = tiny_model(arch).eval()
     features = examples()
-    row = row_for(model, features)
-    with torch.no_grad():
+    with attention(model, varlen), torch.no_grad():
+        row = row_for(model, features)
         packed = model(**{k: v for k, v in row.items() if k != "labels"}, use_cache=False).logits[0]
         start = 0
         for feature in features:
@@ -75,14 +89,33 @@ def test_without_restarting_positions_examples_would_see_each_other(arch):
 
 def test_packed_attention_mode_finds_how_each_model_keeps_examples_apart():
     assert packed_attention_mode(tiny_model("llama")) == POSITIONS
-    assert packed_attention_mode(tiny_model("opt")) == BLOCK_MASK  # OPT masks from attention_mask only
+    opt = tiny_model("opt")
+    assert packed_attention_mode(opt) == BLOCK_MASK  # OPT's own SDPA masks from attention_mask only
+    with varlen_sdpa(opt):
+        assert packed_attention_mode(opt) == POSITIONS  # per-example SDPA needs no mask
     model = tiny_model("llama")
     assert model.training and packed_attention_mode(model) and model.training  # the mode is left as it was
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_per_example_sdpa_attends_by_the_rows_boundaries_and_is_undone_on_exit(arch):
+    """Given boundaries that merge the examples, per-example SDPA leaks; so the boundaries reach the attention."""
+    model = tiny_model(arch).eval()
+    row = flatten_examples(examples())
+    row.pop("labels")
+    total = torch.tensor([0, sum(LENGTHS)], dtype=torch.int32)
+    merged = {**row, "cu_seq_lens_q": total, "cu_seq_lens_k": total, "max_length_q": sum(LENGTHS)}
+    with varlen_sdpa(model), torch.no_grad():
+        assert model.config._attn_implementation == VARLEN_SDPA and model.config.use_cache is False
+        kept, leaked = model(**row).logits, model(**merged).logits
+    assert (kept - leaked).abs().max() > 1e-2
+    assert model.config._attn_implementation == "sdpa" and model.config.use_cache is True
+
+
+@pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "opt"])
 @pytest.mark.parametrize("method", ["paca", "lora", "full"])
-def test_row_loss_and_gradients_equal_the_padded_batch(arch, method):
+def test_row_loss_and_gradients_equal_the_padded_batch(arch, method, varlen):
     reference = tiny_model(arch)
     if method == "paca":
         leanft.apply_paca(reference, r=4, seed=0)
@@ -93,8 +126,10 @@ def test_row_loss_and_gradients_equal_the_padded_batch(arch, method):
         reference = peft.get_peft_model(reference, lora)
     model = copy.deepcopy(reference)
     features = examples()
-    padded, row = collate(features, pad_token_id=0), row_for(model, features)
-    expected, loss = loss_of(reference, padded), loss_of(model, row)
+    padded = collate(features, pad_token_id=0)
+    expected = loss_of(reference, padded)
+    with attention(model, varlen):
+        loss = loss_of(model, row_for(model, features))
     expected.backward()
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -4,21 +4,33 @@
 and labels masked at every example start, so the loss of the row is the padded batch's loss (the last token of an
 example never predicts the next example's first token). ``transformers`` keeps such examples apart by itself when
 it gets ``position_ids`` without an ``attention_mask`` and no cache (it derives a block-diagonal mask for eager and
-SDPA attention, and sequence boundaries for flash attention). Models that ignore ``position_ids`` for masking
-(OPT, for example) get the block-diagonal causal mask as an explicit 4D additive mask instead (``block_mask=True``).
+SDPA attention); the row also carries the examples' boundaries (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``,
+the keywords transformers' flash-attention path reads). Models that ignore ``position_ids`` for masking (OPT, for
+example) get the block-diagonal causal mask as an explicit 4D additive mask instead (``block_mask=True``).
 ``packed_attention_mode(model)`` finds out which of the two a model honours, from two tiny forward passes.
+
+A block-diagonal mask makes SDPA compute the whole row's T x T scores with its masked kernel, which on a CPU is
+slower than the padded batch. ``varlen_sdpa(model)`` (a context manager) switches an SDPA model to
+``VARLEN_SDPA`` meanwhile: the same SDPA, run on each example's slice of the row with ``is_causal=True`` (its
+fused causal kernel, no mask, no cross-example scores), wherever the boundaries reach the attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from leanft.core.chunked_loss import IGNORE_INDEX
 
 POSITIONS = "positions"  # transformers derives the block-diagonal mask from restarting position ids
 BLOCK_MASK = "block_mask"  # leanft passes the block-diagonal causal mask as a 4D additive mask
+VARLEN_SDPA = "leanft_sdpa_varlen"  # the attention implementation of varlen_sdpa
 
 
 def sequence_starts(position_ids: Sequence[int]) -> list[bool]:
@@ -45,8 +57,10 @@ def flatten_examples(
 
     An example's ``position_ids`` default to ``0 .. len - 1``; given ones (a packed block) are kept. Every token
     that starts an example gets label ``-100``. With ``block_mask=True`` the row also gets the block-diagonal causal
-    mask as a 4D ``attention_mask`` of ``mask_dtype`` (for models that do not derive it from ``position_ids``).
-    Run the model on it without a KV cache (``use_cache=False``): with one, transformers does not mask by position.
+    mask as a 4D ``attention_mask`` of ``mask_dtype`` (for models that do not derive it from ``position_ids``);
+    without, it gets the examples' boundaries (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
+    ``max_length_k``). Run the model on it without a KV cache (``use_cache=False``, or within ``varlen_sdpa``):
+    with one, transformers does not mask by position.
     """
     input_ids, labels, positions = [], [], []
     for feature in features:
@@ -62,7 +76,49 @@ def flatten_examples(
     }
     if block_mask:
         batch["attention_mask"] = block_causal_mask(batch["position_ids"][0], mask_dtype)
-    return batch
+        return batch
+    starts = [i for i, start in enumerate(sequence_starts(positions)) if start]
+    bounds = torch.tensor([*starts, len(positions)], dtype=torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return {**batch, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def sdpa_per_example(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """``VARLEN_SDPA``: transformers' SDPA attention, run per example of a padding-free row when the row's example
+    boundaries are given (causal, no mask), else exactly as SDPA (padded batches, generation, sliding windows
+    shorter than an example)."""
+    window = getattr(module, "sliding_window", None)
+    longest = kwargs.get("max_length_q") or 0
+    if cu_seq_lens_q is None or query.shape[0] != 1 or (window is not None and longest > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                               is_causal=True, **kwargs)[0]
+        for start, end in itertools.pairwise(bounds)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(VARLEN_SDPA, sdpa_per_example)
+AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches still get SDPA's masks
+
+
+@contextlib.contextmanager
+def varlen_sdpa(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, an SDPA model attends per example on padding-free rows (``VARLEN_SDPA``), and builds no
+    KV cache; other attention implementations are left alone. Restores both on exit."""
+    config = model.config
+    implementation, use_cache = config._attn_implementation, getattr(config, "use_cache", None)
+    config.use_cache = False  # with a cache, transformers would not keep packed examples apart
+    if implementation == "sdpa":
+        model.set_attn_implementation(VARLEN_SDPA)
+    try:
+        yield
+    finally:
+        config.use_cache = use_cache
+        if implementation == "sdpa":
+            model.set_attn_implementation(implementation)
 
 
 @torch.no_grad()
@@ -81,7 +137,7 @@ def packed_attention_mode(model: torch.nn.Module) -> str | None:
         first, second = [(3 + i * 7) % vocab for i in range(3)], [(5 + i * 11) % vocab for i in range(4)]
 
         def logits(**batch) -> torch.Tensor:
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
             return model(**batch, use_cache=False).logits[0, -len(second) :].float()
 
         alone = logits(input_ids=torch.tensor([second]))
@@ -91,8 +147,9 @@ def packed_attention_mode(model: torch.nn.Module) -> str | None:
         for mode in (POSITIONS, BLOCK_MASK):
             row = flatten_examples(features, block_mask=mode == BLOCK_MASK, mask_dtype=embeddings.weight.dtype)
             row.pop("labels")
-            if (logits(**row) - alone).abs().max() * 10 <= leak:
-                return mode
+            with contextlib.suppress(TypeError):  # a forward without **kwargs refuses the boundary keywords
+                if (logits(**row) - alone).abs().max() * 10 <= leak:
+                    return mode
         return None
     finally:
         model.train(was_training)

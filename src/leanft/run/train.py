@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
@@ -33,7 +34,7 @@ from leanft.core.distributed import (
 from leanft.core.dropbp import DropBP
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_dir, write_json
-from leanft.core.packed import POSITIONS, packed_attention_mode
+from leanft.core.packed import POSITIONS, packed_attention_mode, varlen_sdpa
 from leanft.core.precision import trainable_in_fp32
 from leanft.run.callbacks import (
     HeldoutCurveCallback,
@@ -81,7 +82,8 @@ def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, col
     settings = config.dropbp
 
     def first(count: int) -> dict:
-        return {key: value.to(device) for key, value in collator(list(islice(features, count))).items()}
+        batch = collator(list(islice(features, count)))
+        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
     auto = settings.rate == "auto"
     return DropBPCallback(
@@ -217,7 +219,8 @@ def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator
     """Padded or padding-free training batches (``padding_free``, ``packing``), as the model's attention allows."""
     if not (config.padding_free or config.packing):
         return Collator(pad_token_id)
-    mode = packed_attention_mode(model)
+    with varlen_sdpa(model):  # as in training
+        mode = packed_attention_mode(model)
     if mode is None and config.packing:
         raise LeanftError("packing=true: this model's attention does not keep the examples of a block apart "
                           "(neither from position ids nor from a 4D mask): use packing=false")
@@ -227,18 +230,6 @@ def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator
     logger.info("padding-free batches: one row per batch, examples kept apart by %s",
                 "restarting position ids" if mode == POSITIONS else "a block-diagonal 4D attention mask")
     return Collator(pad_token_id, mode, mask_dtype=model.get_input_embeddings().weight.dtype)
-
-
-@contextlib.contextmanager
-def without_kv_cache(model):
-    """Training forwards build no KV cache (with one, transformers would not keep packed examples apart)."""
-    config = model.config
-    was = getattr(config, "use_cache", None)
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = was
 
 
 def run_metrics(run_log: RunLogCallback, controller: DropBP | None) -> dict[str, float]:
@@ -315,7 +306,7 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     started = time.perf_counter()
     resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
     try:
-        with checkpoint_globals(config.optimizer), without_kv_cache(trainer.model):
+        with checkpoint_globals(config.optimizer), varlen_sdpa(trainer.model):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         named["log"].close()
