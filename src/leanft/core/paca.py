@@ -120,14 +120,22 @@ def apply_paca(
     seed: int = 0,
     init: str = "random",
     train_bias: bool = False,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``."""
+    """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``.
+
+    ``init`` picks each layer's columns at random (the paper) or by weight norm; ``scores`` (per layer name, one
+    value per input column, e.g. from ``leanft.core.paca_columns``) picks the ``r`` highest-scoring instead.
+    """
     names = check_paca_targets(model, r, target_modules)
     generator = torch.Generator().manual_seed(seed)
     columns = {}
     for name in names:
         module = model.get_submodule(name)
-        columns[name] = _choose_columns(_dispatch(module).weight(module), r, init, generator)
+        if scores is not None:
+            columns[name] = scores[name].topk(r).indices.sort().values
+        else:
+            columns[name] = _choose_columns(_dispatch(module).weight(module), r, init, generator)
     return train_columns(model, columns, train_bias)
 
 

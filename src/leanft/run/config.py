@@ -20,6 +20,7 @@ from leanft.core.comm_hooks import comm_hook_problem
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
+from leanft.core.paca_columns import COLUMN_CHOICES
 from leanft.core.precision import bf16_supported, precision_choice
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
@@ -139,6 +140,11 @@ class TrainConfig:
     method: str = doc(" | ".join(METHODS), "paca")
     r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
     lora_alpha: int = doc("LoRA scaling numerator (method=lora)", MethodSettings.lora_alpha)
+    paca_columns: str = doc(
+        "method=paca: which input columns train: random (the paper) | activation (largest input norm on the first "
+        "batch) | gradient (largest full-weight gradient norm on the first batch)",
+        MethodSettings.paca_columns,
+    )
     s2ft_ffn: float = doc(
         "method=s2ft: share of all FFN channels whose down-projection column trains (drawn model-wide)",
         MethodSettings.s2ft_ffn,
@@ -241,7 +247,7 @@ class TrainConfig:
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
         return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha,
-                              s2ft_ffn=self.s2ft_ffn, s2ft_heads=self.s2ft_heads)
+                              s2ft_ffn=self.s2ft_ffn, s2ft_heads=self.s2ft_heads, paca_columns=self.paca_columns)
 
     def validate_data(self) -> None:
         """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""
@@ -267,6 +273,8 @@ class TrainConfig:
         self.dropbp.validate(self.batch_size)
         if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
             raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
+        if self.paca_columns not in COLUMN_CHOICES:
+            raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {self.paca_columns!r}")
         if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
             raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
         problem = optimizer_problem(self.optimizer) or comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())

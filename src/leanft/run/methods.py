@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
 from leanft.core.paca import apply_paca, check_paca_targets, load_paca, merge_paca, save_paca, target_names
+from leanft.core.paca_columns import COLUMN_CHOICES, column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
 
@@ -36,6 +37,8 @@ class MethodSettings:
     lora_alpha: int = 16  # these defaults are also ``TrainConfig``'s
     s2ft_ffn: float = 0.05
     s2ft_heads: float = 0.0
+    paca_columns: str = "random"  # or a data-aware choice of leanft.core.paca_columns, scored on ``calibration``
+    calibration: dict | None = None  # a training batch (tensors on the model's device)
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,15 @@ def parse_target_modules(text: str) -> str | list[str]:
 
 def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     targets = parse_target_modules(settings.target_modules)
-    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed)
+    names = check_paca_targets(model, settings.r, targets)
+    scores = column_scores(model, names, settings.calibration, settings.paca_columns)
+    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed, scores=scores)
 
 
 def _check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
     check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
+    if settings.paca_columns not in COLUMN_CHOICES:
+        raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {settings.paca_columns!r}")
 
 
 def _attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:

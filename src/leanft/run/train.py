@@ -77,13 +77,22 @@ class RunInputs:
     data_report: dict  # examples dropped or truncated by tokenization, per split
 
 
+def first_examples(features, count: int) -> list:
+    """The first ``count`` training examples (of a list or a stream)."""
+    return list(islice(features, count))
+
+
+def on_device(batch: dict, device) -> dict:
+    """``batch`` with its tensors on ``device``."""
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
 def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, collator, device) -> DropBPCallback:
     """The DropBP callback of a run: allocation on the first examples, schedule, automatic rate."""
     settings = config.dropbp
 
     def first(count: int) -> dict:
-        batch = collator(list(islice(features, count)))
-        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        return on_device(collator(first_examples(features, count)), device)
 
     auto = settings.rate == "auto"
     return DropBPCallback(
@@ -175,7 +184,12 @@ def build_trainer(
     inputs: RunInputs, config: TrainConfig, extra_callbacks: list
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
-    model = attach_method(inputs.model, config.method, config.method_settings())
+    settings = config.method_settings()
+    if config.paca_columns != "random":  # scored on the first training batch
+        collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
+        settings = dataclasses.replace(settings, calibration=on_device(collator(first_examples(inputs.features,
+                                       config.batch_size)), next(inputs.model.parameters()).device))
+    model = attach_method(inputs.model, config.method, settings)
     if config.uses_bf16():
         trainable_in_fp32(model)  # fp32 master copies and optimizer state; the frozen base stays bf16
     if config.compile:

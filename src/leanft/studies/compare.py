@@ -57,7 +57,9 @@ class CompareOptions:
     variants: str = doc(
         "comma-separated, the first is the baseline; choose from " + ", ".join(VARIANTS)
         + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr, "
-        "bf16, compile, optimizer, s2ft_ffn, s2ft_heads and DropBP keys after colons: paca:lr=0.01, lora:bf16=false, "
+        "r, target_modules, paca_columns, warmup_ratio, lr_scheduler, bf16, compile, optimizer, s2ft_ffn, s2ft_heads "
+        "and DropBP keys after colons: paca:lr=0.01, "
+        "paca:r=32, lora:bf16=false, "
         "full:optimizer=apollo, paca+dropbp:warmup=0.2:rate=0.3",
         DEFAULT_VARIANTS,
     )
@@ -98,7 +100,8 @@ def variant_base(name: str) -> str:
 
 
 # a variant's own keys that are train keys; the rest are DropBP's
-VARIANT_TRAIN_KEYS = ("lr", "bf16", "compile", "optimizer", "s2ft_ffn", "s2ft_heads")
+VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "paca_columns", "warmup_ratio", "lr_scheduler", "bf16", "compile",
+                      "optimizer", "s2ft_ffn", "s2ft_heads")
 
 
 def variant_overrides(name: str) -> list[str]:
