@@ -13,7 +13,7 @@ def test_defaults_are_valid_and_lr_follows_method():
     config = load_config()
     assert config == TrainConfig()
     assert config.learning_rate() == 1e-2  # measured best on the built-in tasks and real math data
-    assert load_config(overrides=["method=lora"]).learning_rate() == 1e-3
+    assert load_config(overrides=["method=lora"]).learning_rate() == 3e-3
     assert load_config(overrides=["method=lora", "lr=5e-5"]).learning_rate() == 5e-5
 
 

@@ -86,12 +86,13 @@ def flatten_examples(
 def sdpa_per_example(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """``VARLEN_SDPA``: transformers' SDPA attention, run per example of a padding-free row when the row's example
     boundaries are given (causal, no mask), else exactly as SDPA (padded batches, generation, sliding windows
-    shorter than an example)."""
+    shorter than an example, boundaries that do not span the row), which masks by position."""
     window = getattr(module, "sliding_window", None)
     longest = kwargs.get("max_length_q") or 0
-    if cu_seq_lens_q is None or query.shape[0] != 1 or (window is not None and longest > window):
+    bounds = [] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    whole_row = len(bounds) > 1 and bounds[0] == 0 and bounds[-1] == query.shape[2]  # else cut (a dispatched batch)
+    if not whole_row or query.shape[0] != 1 or (window is not None and longest > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
     outputs = [
         sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
                                is_causal=True, **kwargs)[0]

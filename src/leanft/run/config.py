@@ -258,6 +258,15 @@ class TrainConfig:
         if self.streaming and self.packing:
             raise LeanftError("packing=true needs the whole dataset: turn off streaming or packing")
 
+    def validate_method_keys(self) -> None:
+        """Raise a LeanftError for a bad S2FT or PaCA column setting."""
+        if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
+            raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
+        if self.paca_columns not in COLUMN_CHOICES:
+            raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {self.paca_columns!r}")
+        if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
+            raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
+
     def validate(self) -> TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
         method = method_spec(self.method)  # a LeanftError naming the methods for an unknown one
@@ -271,12 +280,7 @@ class TrainConfig:
         if self.resume and self.output_dir is None:
             raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
-        if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
-            raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
-        if self.paca_columns not in COLUMN_CHOICES:
-            raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {self.paca_columns!r}")
-        if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
-            raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
+        self.validate_method_keys()
         problem = optimizer_problem(self.optimizer) or comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
         if problem:
             raise LeanftError(problem)

@@ -143,7 +143,7 @@ METHODS: dict[str, MethodSpec] = {
                    _check_paca, own_checkpoints=True),
         MethodSpec("s2ft", "S2FT", "S2FT", 1e-2, None, _attach_s2ft, save_paca, load_paca, _merge_paca,
                    _check_s2ft, own_checkpoints=True),
-        MethodSpec("lora", "peft LoRA", "LoRA", 1e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
+        MethodSpec("lora", "peft LoRA", "LoRA", 3e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
                    _merge_lora, _check_lora),
         MethodSpec("full", "full FT", "full FT", 1e-4, None, _attach_full, _save_pretrained, _load_full,
                    lambda model: model, _check_nothing),
