@@ -30,8 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DropBP",
-    "flatten_examples",
-    "packed_attention_mode",
     "DropBPCallback",
     "LeanftError",
     "PacaLinear",
@@ -41,12 +39,14 @@ __all__ = [
     "apply_paca",
     "apply_s2ft",
     "chunked_causal_lm_loss",
+    "flatten_examples",
     "gradient_fidelity",
     "linear_cross_entropy",
     "load_model_and_tokenizer",
     "load_paca",
     "merge_paca",
     "paca_disabled",
+    "packed_attention_mode",
     "paca_modules",
     "remove_paca",
     "s2ft_columns",

@@ -99,10 +99,15 @@ def gradient_scores(model: nn.Module, names: Sequence[str], batch: dict) -> dict
     return {name: scores[name].sqrt().cpu() for name in names}
 
 
-def column_scores(model: nn.Module, names: Sequence[str], batch: dict, choice: str) -> dict[str, torch.Tensor] | None:
-    """The scores of ``choice`` (``COLUMN_CHOICES``) for the named linears; None for ``random``."""
+def check_column_choice(choice: str) -> None:
+    """Raise a LeanftError unless ``choice`` is one of ``COLUMN_CHOICES``."""
     if choice not in COLUMN_CHOICES:
         raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {choice!r}")
+
+
+def column_scores(model: nn.Module, names: Sequence[str], batch: dict, choice: str) -> dict[str, torch.Tensor] | None:
+    """The scores of ``choice`` (``COLUMN_CHOICES``) for the named linears; None for ``random``."""
+    check_column_choice(choice)
     if choice == "random":
         return None
     return (activation_scores if choice == "activation" else gradient_scores)(model, names, batch)

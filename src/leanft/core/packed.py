@@ -68,7 +68,8 @@ def flatten_examples(
         input_ids += ids
         labels += list(feature["labels"])
         positions += list(feature.get("position_ids") or range(len(ids)))
-    labels = [IGNORE_INDEX if start else label for label, start in zip(labels, sequence_starts(positions), strict=True)]
+    starts = sequence_starts(positions)
+    labels = [IGNORE_INDEX if start else label for label, start in zip(labels, starts, strict=True)]
     batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
@@ -77,8 +78,7 @@ def flatten_examples(
     if block_mask:
         batch["attention_mask"] = block_causal_mask(batch["position_ids"][0], mask_dtype)
         return batch
-    starts = [i for i, start in enumerate(sequence_starts(positions)) if start]
-    bounds = torch.tensor([*starts, len(positions)], dtype=torch.int32)
+    bounds = torch.tensor([*(i for i, start in enumerate(starts) if start), len(positions)], dtype=torch.int32)
     longest = int((bounds[1:] - bounds[:-1]).max())
     return {**batch, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 

@@ -20,7 +20,7 @@ from leanft.core.comm_hooks import comm_hook_problem
 from leanft.core.dropbp import SAMPLERS, check_schedule
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
-from leanft.core.paca_columns import COLUMN_CHOICES
+from leanft.core.paca_columns import check_column_choice
 from leanft.core.precision import bf16_supported, precision_choice
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
@@ -262,8 +262,7 @@ class TrainConfig:
         """Raise a LeanftError for a bad S2FT or PaCA column setting."""
         if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
             raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
-        if self.paca_columns not in COLUMN_CHOICES:
-            raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {self.paca_columns!r}")
+        check_column_choice(self.paca_columns)
         if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
             raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
 from leanft.core.paca import apply_paca, check_paca_targets, load_paca, merge_paca, save_paca, target_names
-from leanft.core.paca_columns import COLUMN_CHOICES, column_scores
+from leanft.core.paca_columns import check_column_choice, column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
 
@@ -76,8 +76,7 @@ def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
 
 def _check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
     check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
-    if settings.paca_columns not in COLUMN_CHOICES:
-        raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {settings.paca_columns!r}")
+    check_column_choice(settings.paca_columns)
 
 
 def _attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
