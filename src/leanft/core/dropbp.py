@@ -11,7 +11,10 @@ Sampling (``sampler``): ``"bernoulli"`` drops each branch independently with its
 branch and forward). The expected dropped share of backward FLOPs equals the target, and its average over
 steps converges to it; a single forward varies around it. ``"topup"`` (the DropBP authors' sampler) then,
 when fewer than ``drop_rate`` of the branches (by count) were drawn, drops more, highest rates first, until
-that share is reached; it skips more than the target on average.
+that share is reached; it skips more than the target on average. ``"cyclic"`` (block coordinate descent, as
+LCSB, arXiv 2602.13073) splits the layers into ``K = round(1 / (1 - drop_rate))`` contiguous blocks and keeps
+only block ``step mod K``: every other branch is an identity path in backward, which runs from the loss down to
+the block and stops below it, and each layer trains once every K steps (per-branch rates do not apply).
 
 While ``paused`` (a warm-up or cool-down of a rate schedule) nothing is dropped, and the step still advances.
 ``realised_drop_fraction()`` is the share of the branches' backward FLOPs actually skipped over all training
@@ -32,7 +35,7 @@ from leanft.core.errors import LeanftError
 
 MAX_RATE = 0.9
 CONTROLLER_ATTRIBUTE = "leanft_dropbp"  # set on a model while a DropBP controller is attached
-SAMPLERS = ("bernoulli", "topup")
+SAMPLERS = ("bernoulli", "topup", "cyclic")
 CHECKSUM_MODULUS = 2**61 - 1
 
 
@@ -162,6 +165,8 @@ class DropBP:
 
     def sample(self, step: int) -> list[bool]:
         """The drop pattern of training step ``step`` (a pure function of seed, step and rates)."""
+        if self.sampler == "cyclic":
+            return cyclic_pattern([branch.layer for branch in self.branches], self.drop_rate, step)
         self._generator.manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.rates), generator=self._generator)
         pattern = [bool(u < rate) for u, rate in zip(draws.tolist(), self.rates, strict=True)]
@@ -247,6 +252,21 @@ class DropBP:
         self.pattern_checksum = int(state.get("pattern_checksum", 0))
 
 
+def cyclic_blocks(drop_rate: float) -> int:
+    """How many layer blocks the cyclic sampler cycles through at ``drop_rate`` (it keeps one per step)."""
+    return max(1, round(1.0 / (1.0 - drop_rate)))
+
+
+def cyclic_pattern(layers: Sequence[int], drop_rate: float, step: int) -> list[bool]:
+    """The cyclic sampler's pattern: drop every branch outside layer block ``step mod K`` (``layers``: each
+    branch's layer; the distinct layers split into K contiguous blocks of near-equal size)."""
+    depth = sorted(set(layers))
+    blocks = min(cyclic_blocks(drop_rate), len(depth))
+    block = step % blocks
+    kept = set(depth[len(depth) * block // blocks : len(depth) * (block + 1) // blocks])
+    return [layer not in kept for layer in layers]
+
+
 def _sequence_length(args: tuple, kwargs: dict) -> int | None:
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
@@ -262,6 +282,6 @@ def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, **opti
 
     ``blocks`` (dotted path of the decoder-block ModuleList), ``attn`` and ``mlp`` (sub-module names
     in a block; join several with ``+``) point leanft at the branches of architectures it cannot map.
-    ``sampler``: ``"bernoulli"`` (independent draws) or ``"topup"`` (see the module docstring).
+    ``sampler``: ``"bernoulli"`` (independent draws), ``"topup"`` or ``"cyclic"`` (see the module docstring).
     """
     return DropBP(model, drop_rate=drop_rate, seed=seed, **options)

@@ -57,7 +57,9 @@ class DropBPConfig:
         "leanft",
     )
     sampler: str = doc(
-        "bernoulli | topup: independent draws, or the authors' top-up to drop_rate of the branches", "bernoulli"
+        "bernoulli | topup | cyclic: independent draws; the authors' top-up to drop_rate of the branches; or one "
+        "block of layers per step, cycling over depth (round(1/(1-rate)) blocks; no allocation)",
+        "bernoulli",
     )
     patterns_per_step: int = doc(
         "drop patterns per optimizer step: the batch runs as this many micro-batches, each with its own pattern "
@@ -83,6 +85,8 @@ class DropBPConfig:
             raise LeanftError(f"dropbp.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.sampler not in SAMPLERS:
             raise LeanftError(f"dropbp.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler == "cyclic" and self.rate == "auto":
+            raise LeanftError("dropbp.sampler=cyclic sets its blocks from a fixed rate: give dropbp.rate a number")
         if self.patterns_per_step < 1 or batch_size % self.patterns_per_step:
             raise LeanftError(
                 f"dropbp.patterns_per_step must be >= 1 and divide batch_size ({batch_size}), "
