@@ -30,9 +30,9 @@ class Spy(TrainerCallback):
         self.record()
 
 
-def make_trainer(tmp_path, max_steps: int = 10, allocate_at: float = 0.2):
+def make_trainer(tmp_path, max_steps: int = 10, allocate_at: float = 0.2, sampler: str = "bernoulli"):
     model = leanft.apply_paca(tiny_model("llama"), r=4)
-    ctrl = leanft.apply_dropbp(model, drop_rate=0.5, seed=0)
+    ctrl = leanft.apply_dropbp(model, drop_rate=0.5, seed=0, sampler=sampler)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=max_steps,
@@ -66,6 +66,15 @@ def test_allocates_once_at_the_configured_step_and_checkpoints_the_rates(tmp_pat
     state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["DropBPCallback"]["attributes"]
     assert saved["dropbp"]["rates"] == ctrl.rates and saved["dropbp"]["step"] == 10 and saved["allocated"]
+
+
+def test_a_cyclic_controller_is_never_allocated_even_when_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("leanft.core.callback.allocate_rates", lambda *args, **kwargs: calls.append(args))
+    trainer, ctrl, callback = make_trainer(tmp_path, allocate_at=0.2, sampler="cyclic")
+    trainer.train()
+    assert calls == [] and not callback.allocated  # its blocks, not per-branch rates, make the pattern
+    assert ctrl.rates == [0.5] * len(ctrl.branches) and ctrl.step == 10
 
 
 def test_resume_restores_rates_and_step(tmp_path):

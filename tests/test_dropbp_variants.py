@@ -199,7 +199,7 @@ def test_cyclic_sampler_gives_the_block_its_gradient_and_nothing_to_the_other_la
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad)
 
 
-def test_a_cyclic_run_alternates_the_two_blocks_and_allocates_nothing(model_dir, data_file, tmp_path):
+def test_a_cyclic_run_allocates_nothing_and_skips_half_the_backward(model_dir, data_file, tmp_path):
     items = [f"model={model_dir}", f"data={data_file}", f"output_dir={tmp_path / 'cyclic'}", "max_steps=4",
              "batch_size=4", "num_eval=4", "max_new_tokens=4", "dropbp.rate=0.5", "dropbp.sampler=cyclic"]
     summary = train(load_config(None, items))

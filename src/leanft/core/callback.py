@@ -86,9 +86,13 @@ class DropBPCallback(TrainerCallback, ExportableState):
         """The step that allocates rates and / or picks the automatic rate (None: neither happens)."""
         if self.controller is None or (self.controller.drop_rate == 0 and self.auto_threshold is None):
             return None
-        if self.allocate_at is None:
+        if not self._allocates():
             return 0 if self.auto_threshold is not None else None
         return round(self.allocate_at * state.max_steps)
+
+    def _allocates(self) -> bool:
+        """Whether this run allocates per-branch rates (asked for, and the controller's sampler uses them)."""
+        return self.allocate_at is not None and self.controller.uses_rates
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Restore the controller's state on resume; check a distributed run's DDP settings and DropBP state."""
@@ -117,10 +121,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
         """Run the allocation and / or the automatic rate choice; every rank gets rank 0's result."""
         ctrl = self.controller
         batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(loader)
-        if self.allocate_at is not None:
+        if self._allocates():
             allocate_rates(ctrl, batch, allocation=self.allocation)
         if self.auto_threshold is not None:
-            sensitivities = ctrl.sensitivities if self.allocate_at is not None else None
+            sensitivities = ctrl.sensitivities if self._allocates() else None
             fidelity_batch = self.fidelity_batch if self.fidelity_batch is not None else batch
             choice = choose_rate(
                 ctrl, fidelity_batch, self.auto_threshold, self.patterns_per_step, sensitivities, self.allocation

@@ -98,6 +98,11 @@ class DropBP:
         self.set_sequence_length(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
         setattr(model, CONTROLLER_ATTRIBUTE, self)
 
+    @property
+    def uses_rates(self) -> bool:
+        """Whether the pattern follows per-branch rates (so an allocation means something); not for cyclic."""
+        return self.sampler != "cyclic"
+
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module, index: int) -> None:
         """Replace ``module.forward`` by a closure that runs it under no_grad when its branch is dropped."""

@@ -97,7 +97,7 @@ def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, col
     auto = settings.rate == "auto"
     return DropBPCallback(
         controller,
-        None if settings.sampler == "cyclic" else settings.allocate_at,  # its pattern has no per-branch rates
+        settings.allocate_at,
         first(settings.allocation_samples),
         settings.warmup,
         settings.cooldown,
