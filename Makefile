@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench gpu-check gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -22,11 +22,19 @@ bench: $(STAMP)
 	$(BIN)/leanft bench
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
+
+# The GPU check (CUDA tests, bench, compare; results in $$OUT or gpu-check-results/): with .venv's Python where
+# there is one, else the machine's own (a GPU machine's preinstalled torch); gpu-bundle packs what it lacks.
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bash scripts/gpu_check.sh
+
+gpu-bundle:
+	bash scripts/gpu_bundle.sh
 
 clean:
 	rm -rf $(VENV) runs
