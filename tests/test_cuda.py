@@ -67,6 +67,10 @@ def assert_columns_match_reference(model, reference, precision: str) -> None:
 def test_paca_on_cuda_gives_plain_autograds_logits_and_column_gradients(arch, precision):
     reference = tiny_model(arch).to(CUDA)
     model = leanft.apply_paca(copy.deepcopy(reference), r=4, seed=1)
+    on_cpu = leanft.paca_modules(leanft.apply_paca(tiny_model(arch), r=4, seed=1))
+    on_cuda_layers = leanft.paca_modules(model)
+    assert on_cuda_layers.keys() == on_cpu.keys()  # the same columns as on the CPU for the same seed
+    assert all(torch.equal(on_cuda_layers[name].paca_index.cpu(), layer.paca_index) for name, layer in on_cpu.items())
     assert_columns_match_reference(model, reference, precision)
 
 
