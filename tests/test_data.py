@@ -11,13 +11,12 @@ from leanft.core.errors import LeanftError
 from leanft.run.data import (
     IGNORE_INDEX,
     collate,
-    generate_answers,
-    match_rate,
     pack_features,
     render_prompt,
     tokenize_dataset,
     tokenize_example,
 )
+from leanft.run.evaluate import generate_answers, match_rate
 from leanft.run.sources import load_jsonl_examples
 from leanft.run.tasks import final_answer_match
 

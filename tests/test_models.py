@@ -72,7 +72,7 @@ def test_missing_embedded_package(monkeypatch):
 
 @pytest.mark.slow
 def test_convert_embedded_gguf_and_answer(monkeypatch, tmp_path):
-    from leanft.run.data import generate_answers
+    from leanft.run.evaluate import generate_answers
 
     monkeypatch.setenv("LEANFT_CACHE", str(tmp_path))
     model, tokenizer = models.load_model_and_tokenizer(None, device="cpu")

@@ -16,7 +16,8 @@ from test_cli import TINY_ARGS, one_line_error, run_args
 import leanft
 from leanft.cli import main
 from leanft.core.errors import LeanftError
-from leanft.run.rundir import LOCK_FILE, RunFolderLock, checkpoint_problem
+from leanft.run.files import LOCK_FILE
+from leanft.run.rundir import RunFolderLock, checkpoint_problem
 
 
 def snapshot(folder) -> dict:
@@ -224,6 +225,8 @@ def test_bad_inputs_against_an_existing_run_change_nothing(model_dir, data_file,
         (["merge", str(finished), str(finished / "adapter"), "--overwrite"], "overlaps the run folder"),
         (["merge", str(stopped), str(tmp_path / "merged")], "not a finished leanft run"),
         (["eval", str(finished), "r=4"], "cannot change"),
+        (["eval", str(finished), "s2ft_ffn=0.5"], "s2ft_ffn of a trained run cannot change"),
+        (["eval", str(finished), "paca_columns=activation"], "paca_columns of a trained run cannot change"),
         (["eval", str(tmp_path)], "not a leanft run folder"),
     ]
     before = {folder: snapshot(folder) for folder in (finished, stopped)}

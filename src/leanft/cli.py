@@ -14,16 +14,10 @@ import sys
 from pathlib import Path
 
 from leanft.core.errors import LeanftError
+from leanft.run.options import split_config_path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """(YAML path or None, key=value overrides) from the positional arguments of ``train``."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -31,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from leanft.run.rundir import resume_config
     from leanft.run.train import train
 
-    path, overrides = _split_config_args(args.items)
+    path, overrides = split_config_path(args.items)
     config = resume_config(path, overrides)
     summary = train(config)
     if summary:
@@ -58,13 +52,14 @@ def short_summary(summary: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``leanft eval``: held-out loss, perplexity and accuracy, or lm-eval tasks with ``lm_eval=TASKS``."""
     from leanft.run.config import load_config
+    from leanft.run.files import RUN_CONFIG_FILE
     from leanft.run.lm_eval_tasks import LmEvalOptions, load_tasks, run_tasks
     from leanft.run.models import load_model_and_tokenizer
     from leanft.run.options import apply_items, split_items
-    from leanft.run.rundir import RUN_CONFIG_FILE, load_run, run_config
+    from leanft.run.rundir import load_run, run_config
     from leanft.run.sources import load_records
 
-    path, items = _split_config_args(args.items)
+    path, items = split_config_path(args.items)
     own, overrides = split_items(LmEvalOptions, items)
     options = apply_items(LmEvalOptions(), own, "eval")
     if path is not None and Path(path).is_dir() and (Path(path) / RUN_CONFIG_FILE).is_file():
@@ -127,7 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``leanft generate RUN_DIR PROMPT``: the tuned model's greedy answer."""
-    from leanft.run.data import generate_answers
+    from leanft.run.evaluate import generate_answers
     from leanft.run.rundir import load_run
 
     model, tokenizer, _ = load_run(args.run_dir)
@@ -151,7 +146,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if drawn is not None:
         print(f"plot written to {drawn}")
         return 0
-    path, items = _split_config_args(args.items)
+    path, items = split_config_path(args.items)
     config, options = parse_options(path, items)
     print(render(run_study(config, options)))
     if options.output is not None:

@@ -28,10 +28,8 @@ exactly as they were.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -39,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from leanft.core.distributed import is_distributed, squared_norm
 from leanft.core.dropbp import MAX_RATE, DropBP, check_rate
 from leanft.core.errors import LeanftError
+from leanft.core.rng import preserved_rng
 
 STEP = 0.1
 ALLOCATIONS = ("leanft", "official")
@@ -48,16 +47,12 @@ MEASURE_SEED = 1234
 @contextlib.contextmanager
 def preserved_global_state(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Restore python/numpy/torch RNG states, train/eval flags and ``.grad`` of ``params`` on exit."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
     modes = [(module, module.training) for module in model.modules()]
     grads = [param.grad for param in params]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with preserved_rng():
             yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
         for module, training in modes:
             module.training = training
         for param, grad in zip(params, grads, strict=True):

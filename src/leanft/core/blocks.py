@@ -40,11 +40,16 @@ class Branch:
         self.flops = seq_len * self.linear_flops_per_token + seq_len * seq_len * self.attn_flops_per_token_sq
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a GPT-2-style ``Conv1D`` (a linear layer whose weight is stored in x out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a linear-like module (nn.Linear, GPT-2 Conv1D, PaCA), else None."""
     if isinstance(module, nn.Linear) or hasattr(module, "paca_index"):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return module.weight.shape[0], module.nf
     return None
 

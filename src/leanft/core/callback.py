@@ -18,10 +18,7 @@ step (step 0 without allocation), on ``fidelity_batch``; nothing is dropped befo
 from __future__ import annotations
 
 import logging
-import random
 
-import numpy as np
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
@@ -30,19 +27,15 @@ from leanft.core.autorate import choose_rate
 from leanft.core.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
 from leanft.core.dropbp import DropBP, check_schedule
 from leanft.core.errors import LeanftError
+from leanft.core.rng import preserved_rng
 
 logger = logging.getLogger(__name__)
 
 
 def _first_batch(loader) -> dict:
     """The first batch of ``loader``, leaving the global RNG (and so the data order) untouched."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        batch = next(iter(loader))
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-    return batch
+    with preserved_rng():
+        return next(iter(loader))
 
 
 def drops_at(step: int, max_steps: int, warmup: float = 0.0, cooldown: float = 0.0) -> bool:

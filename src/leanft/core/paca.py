@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leanft.core.blocks import is_conv1d
 from leanft.core.distributed import full_tensor, is_main_process
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path, write_json
@@ -27,10 +28,6 @@ from leanft.core.quant import LINEAR_4BIT
 
 ADAPTER_FILE = "paca_adapter.safetensors"
 CONFIG_FILE = "paca_config.json"
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -44,7 +41,7 @@ LINEAR = PacaDispatch(
     build=lambda module, index, weight: PacaLinear(weight, _bias(module), index, "linear"),
 )
 CONV1D = PacaDispatch(  # GPT-2's transposed linear
-    matches=_is_conv1d,
+    matches=is_conv1d,
     in_features=lambda module: module.weight.shape[0],
     weight=lambda module: module.weight.data.t().contiguous(),
     build=lambda module, index, weight: PacaLinear(weight, _bias(module), index, "conv1d"),

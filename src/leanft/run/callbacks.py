@@ -12,9 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from leanft.core.fileio import atomic_path
 from leanft.run.evaluate import heldout_loss
-
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
+from leanft.run.files import LOSS_CURVE_FILE, METRICS_FILE
 
 
 class RunLogCallback(TrainerCallback):

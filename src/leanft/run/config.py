@@ -22,6 +22,7 @@ from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
 from leanft.core.paca_columns import check_column_choice
 from leanft.core.precision import bf16_supported, precision_choice
+from leanft.core.quant import QUANTIZE_CHOICES
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, assign, doc, options_help
@@ -304,8 +305,9 @@ class TrainConfig:
             raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:
             raise LeanftError(f"eval_steps must be >= 0 (0 = only before and after training), got {self.eval_steps}")
-        if self.quantize not in (None, "4bit"):
-            raise LeanftError(f"quantize must be null (none) or 4bit, got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise LeanftError(f"quantize must be null (none) or one of {', '.join(QUANTIZE_CHOICES)}, "
+                              f"got {self.quantize!r}")
         if self.quantize and method.quantized is None:
             raise LeanftError(f"quantize=4bit freezes the base: use {quantized_forms()}")
         if self.compile and self.quantize:

@@ -13,13 +13,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from leanft.core.chunked_loss import IGNORE_INDEX
 from leanft.core.errors import LeanftError
 from leanft.core.packed import BLOCK_MASK, flatten_examples
-from leanft.run.tasks import Scorer, same_text
 
 Record = dict
 Feature = dict[str, list[int]]
@@ -236,58 +234,3 @@ class Collator:
     def padding_share(self) -> float:
         """The share of the tokens computed so far that are padding (0.0 before the first batch)."""
         return 1.0 - self.example_tokens / self.computed_tokens if self.computed_tokens else 0.0
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def generate_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    desc: str | None = None,
-) -> list[str]:
-    """Greedy answers to user messages, rendered as in training and batched with left padding.
-
-    ``desc`` shows a progress bar with that title.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
-        encoded = [
-            tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-            for p in prompts[start : start + batch_size]
-        ]
-        length = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], device=device)
-        mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        answers += tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
-    model.train(was_training)
-    return answers
-
-
-def match_rate(predictions: Sequence[str], references: Sequence[str], correct: Scorer = same_text) -> float:
-    """Fraction of predictions that ``correct(prediction, reference)`` accepts (0.0 when empty).
-
-    The default is exact match after stripping whitespace.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(map(correct, predictions, references)) / len(references)

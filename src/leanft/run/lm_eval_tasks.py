@@ -6,7 +6,6 @@ task whose data cannot be reached (no network, not in the local ``datasets`` cac
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -30,9 +29,6 @@ class LmEvalOptions:
     lm_eval_limit: int | None = doc("lm-eval: examples per task (null = all)", None)
     lm_eval_fewshot: int | None = doc("lm-eval: few-shot examples (null = the task's own)", None)
     lm_eval_batch_size: int = doc("lm-eval: requests per forward pass", 8)
-
-
-OPTION_NAMES = tuple(field.name for field in dataclasses.fields(LmEvalOptions))
 
 
 def load_tasks(options: LmEvalOptions) -> dict:

@@ -24,8 +24,6 @@ from leanft.core.paca_columns import check_column_choice, column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
 
-ADAPTER_DIR = "adapter"
-
 
 @dataclass(frozen=True)
 class MethodSettings:

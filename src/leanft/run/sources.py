@@ -12,20 +12,19 @@ import csv
 import json
 import logging
 import random
-import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
 from leanft.core.errors import LeanftError
 from leanft.run.config import FIELDS, TrainConfig, parse_columns
+from leanft.run.hub import is_hub_id
 from leanft.run.tasks import builtin_task
 
 logger = logging.getLogger(__name__)
 
 Record = dict
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 SHUFFLE_BUFFER = 1000  # rows a stream shuffles among (datasets' buffer shuffle)
 
 
@@ -150,7 +149,7 @@ def open_dataset(source: str, split: str, streaming: bool = False):
                               "save_to_disk folder")
         typed = {"features": csv_as_text(path)} if path.suffix == ".csv" else {}
         return _load(source, FILE_FORMATS[path.suffix], "train", streaming, data_files=str(path), **typed)
-    if not HUB_ID.match(source):
+    if not is_hub_id(source):
         raise LeanftError(f"data {source} does not exist: pass a {', '.join(FILE_FORMATS)} file, a save_to_disk "
                           "folder or a hub dataset id")
     return _load(source, source, split, streaming)

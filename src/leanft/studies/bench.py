@@ -10,7 +10,7 @@ Three phases, every model in a fresh worker process (``leanft.studies.bench_work
    step ``k`` (the same patterns for every base at a rate). After warm-up steps of each model, figures are
    medians over rounds, and ratios are medians of per-round ratios (robust to load changing between rounds).
 3. **max length**: for chosen methods, a search over sequence lengths (each probe a fresh worker) for the
-   longest one whose peak fits ``--mem-budget``.
+   longest one whose peak fits ``mem_budget``.
 
 Peak memory on the CPU counts what the model and training add to the process (RSS high-water mark minus
 RSS before the model was loaded), the CPU analogue of ``max_memory_allocated``; "train peak" leaves out the
@@ -268,7 +268,7 @@ def run_max_len(
 
 
 def guess_length(at_seq: dict, plan: BenchPlan) -> int:
-    """Where the search starts: peak taken as set-up + a per-token cost measured at ``--seq-len``."""
+    """Where the search starts: peak taken as set-up + a per-token cost measured at ``seq_len``."""
     if at_seq.get("peak") is None or at_seq["peak"] <= at_seq["setup"]:
         return plan.seq_len
     per_token = (at_seq["peak"] - at_seq["setup"]) / plan.seq_len

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path, write_json
-from leanft.run.callbacks import METRICS_FILE
 from leanft.run.config import TrainConfig, apply_overrides, load_config
+from leanft.run.files import BASELINE_FILE, METRICS_FILE
 from leanft.run.methods import METHODS
-from leanft.run.options import apply_items, doc, split_items
-from leanft.run.rundir import BASELINE_FILE, default_output_dir, fresh_output_dir
+from leanft.run.options import apply_items, doc, split_config_path, split_items
+from leanft.run.rundir import default_output_dir, fresh_output_dir
 from leanft.studies.compare_report import plot_curves, render_table, time_to_quality
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class CompareOptions:
 
 def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None, list[str]]:
     """(compare options, YAML path or None, the ``leanft train`` overrides) from the command's arguments."""
-    path, items = (items[0], list(items[1:])) if items and "=" not in items[0] else (None, list(items))
+    path, items = split_config_path(items)
     own, overrides = split_items(CompareOptions, items)
     return apply_items(CompareOptions(), own, "compare").validate(), path, overrides
 
