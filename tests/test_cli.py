@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,16 @@ def test_report_to_tensorboard_logs_leanfts_metrics(model_dir, data_file, tmp_pa
     capsys.readouterr()
     assert main(run_args(model_dir, data_file, tmp_path / "other", "report_to=mlflow")) == 2
     assert "report_to must be null (none) or one of" in one_line_error(capsys)
+
+
+def test_help_and_bad_options_answer_without_importing_torch_transformers_or_peft():
+    code = (
+        "import sys\nfrom leanft.cli import main\n"
+        "for argv in (['--help'], ['train', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "codes = [main(['train', 'method=nope']), main(['train', 'max_steps=abc']), main(['train', '--foo'])]\n"
+        "print(codes, [name for name in ('torch', 'transformers', 'peft') if name in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2] []", result.stderr[-2000:]
+    assert "method must be one of" in result.stderr and "max_steps" in result.stderr

@@ -17,9 +17,9 @@ from test_compiled import counting_backend
 
 import leanft
 from leanft.cli import main
+from leanft.core.choices import installed
 from leanft.core.chunked_loss import ChunkedLoss, chunked_causal_lm_loss
 from leanft.core.compiled import compile_branches
-from leanft.core.fused_loss import installed
 from leanft.core.packed import flatten_examples, packed_attention_mode
 from leanft.run.config import load_config
 from leanft.run.train import train

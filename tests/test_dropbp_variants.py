@@ -10,8 +10,9 @@ from conftest import tiny_batch, tiny_model
 
 import leanft
 from leanft.core.allocate import greedy_rates, measure_sensitivities, tensor_norm_change
-from leanft.core.autorate import CANDIDATE_RATES, choose_rate
+from leanft.core.autorate import choose_rate
 from leanft.core.callback import drops_at
+from leanft.core.choices import CANDIDATE_RATES
 from leanft.core.dropbp import cyclic_blocks, cyclic_pattern
 from leanft.run.config import load_config
 from leanft.run.train import train

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import leanft
+from leanft.core.choices import select_loss_kernel
 from leanft.core.chunked_loss import ChunkedLoss, chunked_causal_lm_loss
 from leanft.core.errors import LeanftError
-from leanft.core.fused_loss import select_loss_kernel
 from leanft.run.config import load_config
 
 

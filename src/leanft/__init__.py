@@ -5,26 +5,48 @@ import logging
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback works.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from leanft.core.allocate import allocate_rates
-from leanft.core.callback import DropBPCallback
-from leanft.core.chunked_loss import chunked_causal_lm_loss, linear_cross_entropy
-from leanft.core.dropbp import DropBP, apply_dropbp
-from leanft.core.errors import LeanftError
-from leanft.core.fidelity import gradient_fidelity
-from leanft.core.paca import (
-    apply_paca,
-    load_paca,
-    merge_paca,
-    paca_disabled,
-    paca_modules,
-    remove_paca,
-    save_paca,
-)
-from leanft.core.paca_layer import PacaLinear
-from leanft.core.packed import flatten_examples, packed_attention_mode
-from leanft.core.quant import QPacaLinear
-from leanft.core.s2ft import apply_s2ft, s2ft_columns
-from leanft.run.models import load_model_and_tokenizer
+import importlib
+
+# Where each public name lives. They are imported on first use (PEP 562), so ``import leanft`` and the command
+# line's help and option errors do not pay for torch, transformers and peft.
+_HOMES = {
+    "allocate_rates": "leanft.core.allocate",
+    "DropBPCallback": "leanft.core.callback",
+    "chunked_causal_lm_loss": "leanft.core.chunked_loss",
+    "linear_cross_entropy": "leanft.core.chunked_loss",
+    "DropBP": "leanft.core.dropbp",
+    "apply_dropbp": "leanft.core.dropbp",
+    "LeanftError": "leanft.core.errors",
+    "gradient_fidelity": "leanft.core.fidelity",
+    "apply_paca": "leanft.core.paca",
+    "load_paca": "leanft.core.paca",
+    "merge_paca": "leanft.core.paca",
+    "paca_disabled": "leanft.core.paca",
+    "paca_modules": "leanft.core.paca",
+    "remove_paca": "leanft.core.paca",
+    "save_paca": "leanft.core.paca",
+    "PacaLinear": "leanft.core.paca_layer",
+    "flatten_examples": "leanft.core.packed",
+    "packed_attention_mode": "leanft.core.packed",
+    "QPacaLinear": "leanft.core.quant",
+    "apply_s2ft": "leanft.core.s2ft",
+    "s2ft_columns": "leanft.core.s2ft",
+    "load_model_and_tokenizer": "leanft.run.models",
+}
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'leanft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __version__ = "0.1.0"
 

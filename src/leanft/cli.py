@@ -7,25 +7,38 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from leanft.core.errors import LeanftError
-from leanft.run.options import split_config_path
+from leanft.run.options import options_help, split_config_path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
+def quiet_transformers() -> None:
+    """No progress bars from transformers (leanft draws its own); imports transformers."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run ``leanft train``."""
+    """Run ``leanft train``: every key is checked before torch and transformers are imported."""
+    from leanft.run.config import load_config
+
+    path, overrides = split_config_path(args.items)
+    load_config(path, overrides)
+    quiet_transformers()
     from leanft.run.rundir import resume_config
     from leanft.run.train import train
 
-    path, overrides = split_config_path(args.items)
     config = resume_config(path, overrides)
     summary = train(config)
     if summary:
@@ -51,6 +64,7 @@ def short_summary(summary: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``leanft eval``: held-out loss, perplexity and accuracy, or lm-eval tasks with ``lm_eval=TASKS``."""
+    quiet_transformers()
     from leanft.run.config import load_config
     from leanft.run.files import RUN_CONFIG_FILE
     from leanft.run.lm_eval_tasks import LmEvalOptions, load_tasks, run_tasks
@@ -96,6 +110,7 @@ def heldout_report(model, tokenizer, config, records: list) -> dict:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Run ``leanft merge RUN_DIR OUT_DIR``: a standalone HF model folder with the adapter merged in."""
+    quiet_transformers()
     import torch
 
     from leanft.core.fileio import atomic_dir
@@ -122,6 +137,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``leanft generate RUN_DIR PROMPT``: the tuned model's greedy answer."""
+    quiet_transformers()
     from leanft.run.evaluate import generate_answers
     from leanft.run.rundir import load_run
 
@@ -132,6 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``leanft compare``: methods trained side by side, held-out quality against training time."""
+    quiet_transformers()
     from leanft.studies.compare import run_compare
 
     run_compare(args.items)
@@ -140,6 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run ``leanft fidelity``: how close DropBP's gradients come to the full one on a training batch."""
+    quiet_transformers()
     from leanft.studies.fidelity_study import parse_options, plot_command, render, run_study
 
     drawn = plot_command(args.items)
@@ -156,44 +174,66 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``leanft bench``: every option is checked before any measuring starts."""
+    quiet_transformers()
     from leanft.studies.bench import run_bench
     from leanft.studies.bench_options import parse_bench_options
 
     return run_bench(parse_bench_options(args.items))
 
 
+class KeyListParser(argparse.ArgumentParser):
+    """A parser whose ``--help`` ends with its command's keys, listed only when the help is shown: listing them
+    imports the command's option classes, which parsing and the other commands must not wait for."""
+
+    def __init__(self, *args, keys: Callable[[], list[str]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keys = keys
+
+    def format_help(self) -> str:
+        """The help text, with the key list as its epilog."""
+        if self.keys is not None and self.epilog is None:
+            self.epilog = "\n".join(self.keys())
+        return super().format_help()
+
+
 def _add_keys_command(
-    commands, name: str, summary: str, description: str, keys: list[str], func, metavar: str = "CONFIG.yaml | key=value"
+    commands, name: str, summary: str, description: str, keys: Callable[[], list[str]], func,
+    metavar: str = "CONFIG.yaml | key=value",
 ) -> None:
-    """A sub-command taking ``[CONFIG.yaml] [key=value ...]`` (or ``metavar``), its keys listed in ``--help``."""
+    """A sub-command taking ``[CONFIG.yaml] [key=value ...]`` (or ``metavar``), ``keys()`` listed in ``--help``."""
     command = commands.add_parser(
-        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
-        epilog="\n".join(keys),
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description, keys=keys,
     )
     command.add_argument("items", nargs="*", metavar=metavar)
     command.set_defaults(func=func)
 
 
+def train_keys() -> list[str]:
+    """``leanft train``'s keys, one line each."""
+    from leanft.run.config import config_help
+
+    return config_help()
+
+
+def _option_class(target: str):
+    """``leanft.MODULE:NAME``, imported (a command's option class, for its help)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(f"leanft.{module}"), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``leanft`` argument parser with its sub-commands."""
-    from leanft.run.config import config_help
-    from leanft.run.lm_eval_tasks import LmEvalOptions
-    from leanft.run.options import options_help
-    from leanft.studies.bench_options import BenchOptions
-    from leanft.studies.compare import CompareOptions
-    from leanft.studies.fidelity_study import PLOT_HELP, FidelityKeys
-
-    parser = argparse.ArgumentParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train_keys = config_help()
+    parser = KeyListParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=KeyListParser)
     with_train = "[CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)"
     _add_keys_command(commands, "train", "fine-tune a model (no arguments: the embedded default job)",
-                      "leanft train [CONFIG.yaml] [key=value ...]", ["config keys (YAML or key=value):", *train_keys],
-                      cmd_train)
+                      "leanft train [CONFIG.yaml] [key=value ...]",
+                      lambda: ["config keys (YAML or key=value):", *train_keys()], cmd_train)
 
     _add_keys_command(commands, "eval", "held-out loss / perplexity / accuracy of a run or model, or lm-eval tasks",
                       "leanft eval [RUN_DIR] [key=value ...]  (evaluation keys of `leanft train`, plus those below)",
-                      ["lm-eval keys:", *options_help(LmEvalOptions)], cmd_eval, "RUN_DIR | key=value")
+                      lambda: ["lm-eval keys:", *options_help(_option_class("run.lm_eval_tasks:LmEvalOptions"))],
+                      cmd_eval, "RUN_DIR | key=value")
 
     merge = commands.add_parser("merge", help="write a standalone HF model with the adapter merged in")
     merge.add_argument("run_dir")
@@ -212,17 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys_command(commands, "compare",
                       "train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
                       f"leanft compare {with_train}",
-                      ["compare keys:", *options_help(CompareOptions), "train keys (shared by every variant):",
-                       *train_keys], cmd_compare)
+                      lambda: ["compare keys:", *options_help(_option_class("studies.compare:CompareOptions")),
+                               "train keys (shared by every variant):", *train_keys()], cmd_compare)
     _add_keys_command(commands, "fidelity",
                       "check whether DropBP suits a model and batch: cosine of DropBP gradients with the full one",
                       f"leanft fidelity {with_train}\n"
                       "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=f.json",
-                      ["fidelity keys:", *options_help(FidelityKeys), PLOT_HELP,
-                       "train keys (model, method, data, batch_size, ...):", *train_keys], cmd_fidelity)
+                      lambda: ["fidelity keys:", *options_help(_option_class("studies.fidelity_study:FidelityKeys")),
+                               _option_class("studies.fidelity_study:PLOT_HELP"),
+                               "train keys (model, method, data, batch_size, ...):", *train_keys()], cmd_fidelity)
     _add_keys_command(commands, "bench", "speed / memory / max length side by side with peft LoRA",
                       "leanft bench [key=value ...]  (e.g. leanft bench quick=true bases=lora,paca rates=0.5)",
-                      ["bench keys:", *options_help(BenchOptions)], cmd_bench, metavar="key=value")
+                      lambda: ["bench keys:", *options_help(_option_class("studies.bench_options:BenchOptions"))],
+                      cmd_bench, metavar="key=value")
     return parser
 
 
@@ -233,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     args, unknown = build_parser().parse_known_args(argv)
     try:
         if unknown:
@@ -255,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leanft: {str(interrupt) or 'interrupted (nothing was saved)'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        from leanft.core.distributed import leave_distributed
+        if "torch.distributed" in sys.modules:  # torchrun / accelerate ranks: close the process group before exiting
+            from leanft.core.distributed import leave_distributed
 
-        leave_distributed()  # torchrun / accelerate ranks: close the process group before exiting
+            leave_distributed()
 
 
 if __name__ == "__main__":

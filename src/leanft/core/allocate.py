@@ -34,13 +34,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from leanft.core.choices import ALLOCATIONS
 from leanft.core.distributed import is_distributed, squared_norm
 from leanft.core.dropbp import MAX_RATE, DropBP, check_rate
 from leanft.core.errors import LeanftError
 from leanft.core.rng import preserved_rng
 
 STEP = 0.1
-ALLOCATIONS = ("leanft", "official")
 MEASURE_SEED = 1234
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from leanft.core.allocate import greedy_rates
+from leanft.core.choices import CANDIDATE_RATES, DEFAULT_THRESHOLD
 from leanft.core.dropbp import DropBP
 from leanft.core.errors import LeanftError
 from leanft.core.fidelity import full_gradient, gradient_fidelity
 
-CANDIDATE_RATES = (0.5, 0.4, 0.3, 0.2, 0.1)
-DEFAULT_THRESHOLD = 0.8
 FIDELITY_SAMPLES = 3
 
 

@@ -24,8 +24,9 @@ from transformers.trainer_callback import ExportableState
 
 from leanft.core.allocate import allocate_rates
 from leanft.core.autorate import choose_rate
+from leanft.core.choices import check_schedule
 from leanft.core.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
-from leanft.core.dropbp import DropBP, check_schedule
+from leanft.core.dropbp import DropBP
 from leanft.core.errors import LeanftError
 from leanft.core.rng import preserved_rng
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanft.core.choices import LEANFT_LOSS, select_loss_kernel
 from leanft.core.compat import uncompiled
 from leanft.core.errors import LeanftError
-from leanft.core.fused_loss import LEANFT, fused_cross_entropy_sum, select_loss_kernel
+from leanft.core.fused_loss import fused_cross_entropy_sum
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
-    kernel: str = LEANFT,
+    kernel: str = LEANFT_LOSS,
 ) -> torch.Tensor:
     """Causal-LM loss of ``hidden`` (... x seq x hidden) through the head ``weight`` / ``bias``, chunk by chunk.
 
@@ -117,7 +118,7 @@ def linear_cross_entropy(
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     kept_targets = targets.index_select(0, keep)
     with torch.autocast(device_type, enabled=False):
-        if kernel == LEANFT:
+        if kernel == LEANFT_LOSS:
             total = LinearCrossEntropy.apply(rows, weight, bias, kept_targets, chunk_size)
         else:
             total = fused_cross_entropy_sum(kernel, rows, weight, bias, kept_targets)
@@ -177,7 +178,7 @@ def chunked_causal_lm_loss(
     batch: dict[str, torch.Tensor],
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
-    kernel: str = LEANFT,
+    kernel: str = LEANFT_LOSS,
 ) -> torch.Tensor:
     """The causal-LM loss of ``model`` on ``batch`` (with ``labels``), exactly as the model computes it, chunked.
 
@@ -265,12 +266,12 @@ def chunked_loss_for(
 ) -> ChunkedLoss | None:
     """A ``ChunkedLoss`` for training ``model``, or None (logged, with the reason) where its head does not allow.
 
-    ``kernel`` picks the implementation (``leanft.core.fused_loss.LOSS_KERNELS``); the choice is logged.
+    ``kernel`` picks the implementation (``leanft.core.choices.LOSS_KERNELS``); the choice is logged.
     """
     problem = chunked_loss_problem(model, distributed)
     if problem is not None:
         logger.info("chunked loss off, the plain LM loss is used: %s", problem)
         return None
     loss = ChunkedLoss(model, chunk_size, kernel)
-    logger.info("LM-head loss: %s", "leanft's chunked loss" if loss.kernel == LEANFT else loss.kernel)
+    logger.info("LM-head loss: %s", "leanft's chunked loss" if loss.kernel == LEANFT_LOSS else loss.kernel)
     return loss

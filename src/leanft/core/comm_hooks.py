@@ -20,11 +20,11 @@ import torch.distributed as dist
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
+from leanft.core.choices import COMM_HOOKS, comm_hook_problem
 from leanft.core.errors import LeanftError
 
 logger = logging.getLogger(__name__)
 
-COMM_HOOKS = ("fp16", "bf16", "powersgd")
 POWERSGD_START = 2  # PowerSGD's first compressed step (before it, plain all-reduce warms its error feedback up)
 
 
@@ -35,15 +35,6 @@ def powersgd_options(rank: int, min_compression_rate: float = 2.0) -> dict:
     """
     return {"matrix_approximation_rank": rank, "start_powerSGD_iter": POWERSGD_START,
             "min_compression_rate": min_compression_rate}
-
-
-def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:
-    """Why ``hook`` cannot run (None when it can, or when there is no hook); ``cuda``: the run uses NCCL."""
-    if hook is not None and hook not in COMM_HOOKS:
-        return f"ddp_comm_hook must be null (none) or one of {', '.join(COMM_HOOKS)}, got {hook!r}"
-    if hook == "bf16" and not cuda:
-        return "ddp_comm_hook=bf16 needs CUDA with NCCL (PyTorch's hook): use fp16 or powersgd on a CPU"
-    return None
 
 
 def in_order_powersgd_hook(state, bucket):

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from leanft.core.blocks import Branch, find_branches
+from leanft.core.choices import SAMPLERS
 from leanft.core.errors import LeanftError
 
 MAX_RATE = 0.9
 CONTROLLER_ATTRIBUTE = "leanft_dropbp"  # set on a model while a DropBP controller is attached
-SAMPLERS = ("bernoulli", "topup", "cyclic")
 CHECKSUM_MODULUS = 2**61 - 1
 
 
@@ -44,14 +44,6 @@ def check_rate(rate: float, what: str = "drop_rate") -> float:
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
         raise LeanftError(f"{what} must be a number in [0, 1) (0 = DropBP off), got {rate!r}")
     return float(rate)
-
-
-def check_schedule(warmup: float, cooldown: float) -> None:
-    """Raise a LeanftError unless ``warmup`` and ``cooldown`` are shares of training in [0, 1] adding up to <= 1."""
-    if not (0.0 <= warmup <= 1.0 and 0.0 <= cooldown <= 1.0 and warmup + cooldown <= 1.0):
-        raise LeanftError(
-            f"warmup and cooldown must be shares of training in [0, 1] adding up to at most 1, got {warmup}, {cooldown}"
-        )
 
 
 class DropBP:

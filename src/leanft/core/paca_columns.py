@@ -19,9 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from leanft.core.choices import check_column_choice
 from leanft.core.errors import LeanftError
-
-COLUMN_CHOICES = ("random", "activation", "gradient")
 
 
 def _inputs(args: tuple) -> torch.Tensor:
@@ -97,12 +96,6 @@ def gradient_scores(model: nn.Module, names: Sequence[str], batch: dict) -> dict
     if missing:
         raise LeanftError(f"no gradient reached {missing[0]} on the calibration batch: use paca_columns=random")
     return {name: scores[name].sqrt().cpu() for name in names}
-
-
-def check_column_choice(choice: str) -> None:
-    """Raise a LeanftError unless ``choice`` is one of ``COLUMN_CHOICES``."""
-    if choice not in COLUMN_CHOICES:
-        raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {choice!r}")
 
 
 def column_scores(model: nn.Module, names: Sequence[str], batch: dict, choice: str) -> dict[str, torch.Tensor] | None:

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanft.core.choices import QUANTIZE_CHOICES
 from leanft.core.compat import unpack_4bit_for_cpu
 from leanft.core.errors import LeanftError
 from leanft.core.paca_layer import PacaDispatch, PacaLinear, PacaMatmul
-
-QUANTIZE_CHOICES = ("4bit",)
 
 
 def require_bitsandbytes() -> ModuleType:

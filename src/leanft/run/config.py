@@ -9,28 +9,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from transformers.trainer_utils import SchedulerType
 
-from leanft.core.allocate import ALLOCATIONS
-from leanft.core.autorate import CANDIDATE_RATES, DEFAULT_THRESHOLD
-from leanft.core.comm_hooks import comm_hook_problem
-from leanft.core.dropbp import SAMPLERS, check_schedule
+from leanft.core import choices
 from leanft.core.errors import LeanftError
-from leanft.core.fused_loss import LOSS_KERNELS, select_loss_kernel
-from leanft.core.paca_columns import check_column_choice
-from leanft.core.precision import bf16_supported, precision_choice
-from leanft.core.quant import QUANTIZE_CHOICES
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, assign, doc, options_help
 from leanft.run.tasks import builtin_task
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 REPORTERS = ("tensorboard", "wandb")  # each is also the name of the package it needs
 
 
@@ -46,7 +40,7 @@ class DropBPConfig:
     )
     auto_threshold: float = doc(
         "rate=auto: lowest accepted mean per-tensor cosine of a step's DropBP gradient with the full one",
-        DEFAULT_THRESHOLD,
+        choices.DEFAULT_THRESHOLD,
     )
     allocate_at: float | None = doc(
         "fraction of training after which sensitivity-based allocation sets per-branch rates; null = keep uniform",
@@ -72,7 +66,7 @@ class DropBPConfig:
 
     def initial_rate(self) -> float:
         """The rate the controller starts with (auto: the largest candidate, paused until the choice)."""
-        return max(CANDIDATE_RATES) if self.rate == "auto" else float(self.rate)
+        return max(choices.CANDIDATE_RATES) if self.rate == "auto" else float(self.rate)
 
     def validate(self, batch_size: int) -> None:
         """Raise a LeanftError naming the first bad DropBP value (``batch_size``: examples per device per step)."""
@@ -82,10 +76,11 @@ class DropBPConfig:
             raise LeanftError(f"dropbp.auto_threshold must be in (0, 1], got {self.auto_threshold}")
         if self.allocate_at is not None and not 0.0 <= self.allocate_at <= 1.0:
             raise LeanftError(f"dropbp.allocate_at must be in [0, 1] or null, got {self.allocate_at}")
-        if self.allocation not in ALLOCATIONS:
-            raise LeanftError(f"dropbp.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.sampler not in SAMPLERS:
-            raise LeanftError(f"dropbp.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.allocation not in choices.ALLOCATIONS:
+            raise LeanftError(f"dropbp.allocation must be one of {', '.join(choices.ALLOCATIONS)}, "
+                              f"got {self.allocation!r}")
+        if self.sampler not in choices.SAMPLERS:
+            raise LeanftError(f"dropbp.sampler must be one of {', '.join(choices.SAMPLERS)}, got {self.sampler!r}")
         if self.sampler == "cyclic" and self.rate == "auto":
             raise LeanftError("dropbp.sampler=cyclic sets its blocks from a fixed rate: give dropbp.rate a number")
         if self.patterns_per_step < 1 or batch_size % self.patterns_per_step:
@@ -94,7 +89,7 @@ class DropBPConfig:
                 f"got {self.patterns_per_step}"
             )
         try:
-            check_schedule(self.warmup, self.cooldown)
+            choices.check_schedule(self.warmup, self.cooldown)
         except LeanftError as error:
             raise LeanftError(f"dropbp.{error}") from None
 
@@ -192,8 +187,8 @@ class TrainConfig:
         True,
     )
     loss_kernel: str = doc(
-        " | ".join(LOSS_KERNELS) + ": the chunked loss's implementation; auto = cut-cross-entropy, else liger-kernel, "
-        "on CUDA where installed, else leanft's own",
+        " | ".join(choices.LOSS_KERNELS) + ": the chunked loss's implementation; auto = cut-cross-entropy, else "
+        "liger-kernel, on CUDA where installed, else leanft's own",
         "auto",
     )
     compile: bool = doc(
@@ -236,17 +231,20 @@ class TrainConfig:
 
     def uses_bf16(self) -> bool:
         """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device has it natively."""
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.bf16 == "auto":
-            return bf16_supported(device_type)
-        return self.bf16 == "true"
+        from leanft.core.precision import bf16_supported
+
+        return bf16_supported(choices.device_type()) if self.bf16 == "auto" else self.bf16 == "true"
 
     def precision(self) -> str:
         """The compute precision of the run and why, e.g. ``fp32: this CPU has no native bf16 (AVX2)``."""
-        return precision_choice("cuda" if torch.cuda.is_available() else "cpu", self.bf16)
+        from leanft.core.precision import precision_choice
+
+        return precision_choice(choices.device_type(), self.bf16)
 
     def base_dtype(self) -> torch.dtype:
         """The dtype the frozen base is loaded in: bf16 with bf16 compute (a 4-bit base keeps its own)."""
+        import torch
+
         return torch.bfloat16 if self.uses_bf16() and not self.quantize else torch.float32
 
     def method_settings(self) -> MethodSettings:
@@ -267,7 +265,7 @@ class TrainConfig:
         """Raise a LeanftError for a bad S2FT or PaCA column setting."""
         if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
             raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
-        check_column_choice(self.paca_columns)
+        choices.check_column_choice(self.paca_columns)
         if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
             raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
 
@@ -276,8 +274,6 @@ class TrainConfig:
         method = method_spec(self.method)  # a LeanftError naming the methods for an unknown one
         if self.lr is not None and not self.lr > 0:
             raise LeanftError(f"lr must be > 0 (or null for the method's default), got {self.lr}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise LeanftError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0:
             raise LeanftError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0, got {self.warmup_ratio}, "
                               f"{self.weight_decay}")
@@ -285,7 +281,7 @@ class TrainConfig:
             raise LeanftError("resume=true needs output_dir=RUN_FOLDER (the run to continue)")
         self.dropbp.validate(self.batch_size)
         self.validate_method_keys()
-        problem = optimizer_problem(self.optimizer) or comm_hook_problem(self.ddp_comm_hook, torch.cuda.is_available())
+        problem = optimizer_problem(self.optimizer) or choices.comm_hook_problem(self.ddp_comm_hook, cuda=True)
         if problem:
             raise LeanftError(problem)
         if self.ddp_comm_hook is not None and self.fsdp:
@@ -305,8 +301,8 @@ class TrainConfig:
             raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:
             raise LeanftError(f"eval_steps must be >= 0 (0 = only before and after training), got {self.eval_steps}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise LeanftError(f"quantize must be null (none) or one of {', '.join(QUANTIZE_CHOICES)}, "
+        if self.quantize is not None and self.quantize not in choices.QUANTIZE_CHOICES:
+            raise LeanftError(f"quantize must be null (none) or one of {', '.join(choices.QUANTIZE_CHOICES)}, "
                               f"got {self.quantize!r}")
         if self.quantize and method.quantized is None:
             raise LeanftError(f"quantize=4bit freezes the base: use {quantized_forms()}")
@@ -323,12 +319,28 @@ class TrainConfig:
         if self.report_to is not None and importlib.util.find_spec(self.report_to) is None:
             raise LeanftError(f"report_to={self.report_to} needs the {self.report_to} package: "
                               f"pip install {self.report_to}")
-        select_loss_kernel(self.loss_kernel, "cuda" if torch.cuda.is_available() else "cpu")
         if self.bf16 not in ("auto", "true", "false"):
             raise LeanftError(f"bf16 must be auto, true or false, got {self.bf16!r}")
-        if self.bf16 == "true" and not bf16_supported("cuda" if torch.cuda.is_available() else "cpu"):
-            logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
+        self.validate_for_this_machine()
         return self
+
+    def validate_for_this_machine(self) -> None:
+        """The checks that need torch or transformers (the device, the scheduler names): run after every other
+        check, so a bad value elsewhere is reported before either is imported."""
+        from transformers.trainer_utils import SchedulerType
+
+        from leanft.core.precision import bf16_supported
+
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise LeanftError(f"lr_scheduler must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}")
+        device = choices.device_type()
+        problem = choices.comm_hook_problem(self.ddp_comm_hook, cuda=device == "cuda")
+        if problem:
+            raise LeanftError(problem)
+        choices.select_loss_kernel(self.loss_kernel, device)
+        if self.bf16 == "true" and not bf16_supported(device):
+            logger.warning("bf16=true: this device has no native bf16 matmul, so bf16 is emulated and may be slower")
 
 
 def load_config(

@@ -8,21 +8,23 @@ implements it.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import peft
-from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
-
-from leanft.core.dropbp import DropBP, apply_dropbp
 from leanft.core.errors import LeanftError
-from leanft.core.paca import apply_paca, check_paca_targets, load_paca, merge_paca, save_paca, target_names
-from leanft.core.paca_columns import check_column_choice, column_scores
-from leanft.core.quant import dequantize_model, is_quantized, merge_qlora, prepare_quantized
-from leanft.core.s2ft import apply_s2ft, s2ft_columns
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from leanft.core.dropbp import DropBP
+
+STEPS = "leanft.run.method_steps"  # the functions below name what they run there, imported on first use
+PACA = "leanft.core.paca"
 
 
 @dataclass(frozen=True)
@@ -65,87 +67,38 @@ def parse_target_modules(text: str) -> str | list[str]:
     return text
 
 
-def _attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    targets = parse_target_modules(settings.target_modules)
-    names = check_paca_targets(model, settings.r, targets)
-    scores = column_scores(model, names, settings.calibration, settings.paca_columns)
-    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed, scores=scores)
+def lazy(name: str, module: str = STEPS) -> Callable:
+    """A function that runs ``module.name``, importing the module on its first call."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
-def _check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
-    check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
-    check_column_choice(settings.paca_columns)
+def _unchanged(model: nn.Module) -> nn.Module:
+    """Full fine-tuning's merge: the trained model is already plain."""
+    return model
 
 
-def _attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    return apply_s2ft(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
-
-
-def _check_s2ft(model: PreTrainedModel, settings: MethodSettings) -> None:
-    s2ft_columns(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
-
-
-def _check_lora(model: PreTrainedModel, settings: MethodSettings) -> None:
-    target_names(model, parse_target_modules(settings.target_modules))  # peft matches names the same way
-
-
-def _check_nothing(model: PreTrainedModel, settings: MethodSettings) -> None:
-    """Full fine-tuning attaches nothing that could fail."""
-
-
-def _attach_lora(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    config = peft.LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.lora_alpha,
-        target_modules=parse_target_modules(settings.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return peft.get_peft_model(model, config)
-    except ValueError as exc:
-        raise LeanftError(f"peft could not apply LoRA with target_modules={settings.target_modules!r}: {exc}") from exc
-
-
-def _attach_full(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    return model.requires_grad_(True)
-
-
-def _save_pretrained(model: nn.Module, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    return folder
-
-
-def _load_lora(base: PreTrainedModel, folder: Path) -> nn.Module:
-    return peft.PeftModel.from_pretrained(base, str(folder))
-
-
-def _load_full(base: PreTrainedModel, folder: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=base.dtype).to(base.device)
-
-
-def _merge_paca(model: nn.Module) -> PreTrainedModel:
-    """PaCA's columns written into the weights; a 4-bit base comes back in full precision, never re-quantized."""
-    model = merge_paca(model)
-    return dequantize_model(model) if is_quantized(model) or getattr(model, "hf_quantizer", None) else model
-
-
-def _merge_lora(model: nn.Module) -> PreTrainedModel:
-    return merge_qlora(model) if is_quantized(model) else model.merge_and_unload()
-
-
+PACA_FILES = {"save": lazy("save_paca", PACA), "load": lazy("load_paca", PACA), "own_checkpoints": True}
+PRETRAINED_FILES = {"save": lazy("save_pretrained")}
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("paca", "PaCA", "PaCA", 1e-2, "qpaca", _attach_paca, save_paca, load_paca, _merge_paca,
-                   _check_paca, own_checkpoints=True),
-        MethodSpec("s2ft", "S2FT", "S2FT", 1e-2, None, _attach_s2ft, save_paca, load_paca, _merge_paca,
-                   _check_s2ft, own_checkpoints=True),
-        MethodSpec("lora", "peft LoRA", "LoRA", 3e-3, "qlora", _attach_lora, _save_pretrained, _load_lora,
-                   _merge_lora, _check_lora),
-        MethodSpec("full", "full FT", "full FT", 1e-4, None, _attach_full, _save_pretrained, _load_full,
-                   lambda model: model, _check_nothing),
+        MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=1e-2, quantized="qpaca",
+                   attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), **PACA_FILES),
+        MethodSpec(name="s2ft", label="S2FT", short_label="S2FT", default_lr=1e-2, quantized=None,
+                   attach=lazy("attach_s2ft"), check=lazy("check_s2ft"), merge=lazy("merge_columns"), **PACA_FILES),
+        MethodSpec(name="lora", label="peft LoRA", short_label="LoRA", default_lr=3e-3, quantized="qlora",
+                   attach=lazy("attach_lora"), check=lazy("check_lora"), merge=lazy("merge_lora"),
+                   load=lazy("load_lora"), **PRETRAINED_FILES),
+        MethodSpec(name="full", label="full FT", short_label="full FT", default_lr=1e-4, quantized=None,
+                   attach=lazy("attach_full"), check=lazy("check_nothing"), merge=_unchanged,
+                   load=lazy("load_full"), **PRETRAINED_FILES),
     )
-}
+}  # fmt: skip
 QUANTIZED_FORMS = {spec.quantized: spec.name for spec in METHODS.values() if spec.quantized}  # qpaca -> paca
 
 
@@ -167,6 +120,8 @@ def attach_method(model: PreTrainedModel, method: str, settings: MethodSettings)
     On a 4-bit model (``quantize=4bit``) 'paca' is QPaCA and 'lora' is QLoRA, both after peft's
     ``prepare_model_for_kbit_training``; a method without a 4-bit form is refused.
     """
+    from leanft.core.quant import is_quantized, prepare_quantized
+
     spec = method_spec(method)
     if is_quantized(model):
         if spec.quantized is None:
@@ -177,6 +132,8 @@ def attach_method(model: PreTrainedModel, method: str, settings: MethodSettings)
 
 def attach_dropbp(model: nn.Module, rate: float, seed: int, sampler: str = "bernoulli") -> DropBP | None:
     """DropBP on ``model`` at ``rate`` with ``sampler`` (None when the rate is 0)."""
+    from leanft.core.dropbp import apply_dropbp
+
     return apply_dropbp(model, drop_rate=rate, seed=seed, sampler=sampler) if rate > 0 else None
 
 

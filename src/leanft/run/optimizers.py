@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from leanft.core.errors import LeanftError
+
+if TYPE_CHECKING:  # torch is imported where an optimizer is built, so checking a name stays light
+    import torch
+    from torch import nn
 
 OPTIMIZERS = ("adamw", "apollo", "apollo-mini")
 APOLLO_SETTINGS = {
@@ -53,6 +55,8 @@ def apollo_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` (``name='adamw'``) or APOLLO / APOLLO-Mini over ``model``'s trainable parameters."""
+    import torch
+
     if name == "adamw":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     return apollo_optimizer(model, name, lr, weight_decay)
@@ -60,6 +64,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state (moments, projections)."""
+    import torch
+
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()
                for value in state.values() if torch.is_tensor(value))
 
@@ -72,6 +78,7 @@ def checkpoint_globals(name: str) -> contextlib.AbstractContextManager:
     """
     if name == "adamw":
         return contextlib.nullcontext()
+    import torch
     from apollo_torch.random_projector import GradientProjector
 
     return torch.serialization.safe_globals([GradientProjector])

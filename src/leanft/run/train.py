@@ -46,13 +46,11 @@ from leanft.run.callbacks import (
 from leanft.run.config import TrainConfig
 from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
-from leanft.run.files import ADAPTER_DIR
+from leanft.run.files import ADAPTER_DIR, BASELINE_FILE, SUMMARY_FILE
 from leanft.run.methods import attach_dropbp, attach_method, load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
 from leanft.run.optimizers import checkpoint_globals
 from leanft.run.rundir import (
-    BASELINE_FILE,
-    SUMMARY_FILE,
     RunFolderLock,
     clear_newer_checkpoints,
     prepare_run_dir,
