@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
 
-    from leanft.core.dropbp import DropBP
 
 STEPS = "leanft.run.method_steps"  # the functions below name what they run there, imported on first use
 PACA = "leanft.core.paca"
@@ -128,13 +127,6 @@ def attach_method(model: PreTrainedModel, method: str, settings: MethodSettings)
             raise LeanftError(f"a 4-bit base cannot be trained with method={method}: use {quantized_forms()}")
         model = prepare_quantized(model)
     return spec.attach(model, settings)
-
-
-def attach_dropbp(model: nn.Module, rate: float, seed: int, sampler: str = "bernoulli") -> DropBP | None:
-    """DropBP on ``model`` at ``rate`` with ``sampler`` (None when the rate is 0)."""
-    from leanft.core.dropbp import apply_dropbp
-
-    return apply_dropbp(model, drop_rate=rate, seed=seed, sampler=sampler) if rate > 0 else None
 
 
 def load_trained(base: PreTrainedModel, method: str, folder: str | Path) -> nn.Module:

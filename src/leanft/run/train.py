@@ -22,7 +22,6 @@ import transformers
 from transformers.trainer_callback import PrinterCallback
 
 from leanft.core.callback import DropBPCallback
-from leanft.core.compiled import compile_branches
 from leanft.core.distributed import (
     init_distributed,
     is_main_process,
@@ -35,7 +34,6 @@ from leanft.core.dropbp import DropBP
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_dir, write_json
 from leanft.core.packed import POSITIONS, packed_attention_mode, varlen_sdpa
-from leanft.core.precision import trainable_in_fp32
 from leanft.run.callbacks import (
     HeldoutCurveCallback,
     InterruptCallback,
@@ -47,9 +45,10 @@ from leanft.run.config import TrainConfig
 from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
 from leanft.run.evaluate import eval_options, evaluate
 from leanft.run.files import ADAPTER_DIR, BASELINE_FILE, SUMMARY_FILE
-from leanft.run.methods import attach_dropbp, attach_method, load_trained, method_spec
+from leanft.run.methods import load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
 from leanft.run.optimizers import checkpoint_globals
+from leanft.run.prepare import prepare_model
 from leanft.run.rundir import (
     RunFolderLock,
     clear_newer_checkpoints,
@@ -183,19 +182,13 @@ def build_trainer(
     inputs: RunInputs, config: TrainConfig, extra_callbacks: list
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
-    settings = config.method_settings()
+    calibration = None
     if config.paca_columns != "random":  # scored on the first training batch
         collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
-        settings = dataclasses.replace(settings, calibration=on_device(collator(first_examples(inputs.features,
-                                       config.batch_size)), next(inputs.model.parameters()).device))
-    model = attach_method(inputs.model, config.method, settings)
-    if config.uses_bf16():
-        trainable_in_fp32(model)  # fp32 master copies and optimizer state; the frozen base stays bf16
-    if config.compile:
-        compile_branches(model)  # before DropBP, whose wrapper stays outside the compiled branches
-    controller = attach_dropbp(model, config.dropbp.initial_rate(), config.seed, config.dropbp.sampler)
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
+                                next(inputs.model.parameters()).device)
+    prepared = prepare_model(inputs.model, config, calibration)
+    model, controller = prepared.model, prepared.controller
     collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
     if config.fsdp:
         shard_for_trainer(model)

@@ -104,31 +104,34 @@ def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, 
 
 def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
-    from leanft.core.dropbp import apply_dropbp
+    import torch
+
     from leanft.core.fidelity import answer_tokens, full_gradient, gradient_fidelity
     from leanft.run.data import collate, tokenize_dataset
-    from leanft.run.methods import attach_method
     from leanft.run.models import load_model_and_tokenizer
+    from leanft.run.prepare import prepare_model
     from leanft.run.sources import load_records
 
-    model, tokenizer = load_model_and_tokenizer(config.model, quantize=config.quantize)
+    # the model as train sets it up: its dtype, the method, fp32 trainables under bf16, compile, DropBP's sampler
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
     text_config = model.config.get_text_config()
     size = {
         "parameters": model.num_parameters(),
         "layers": text_config.num_hidden_layers,
         "width": text_config.hidden_size,
     }
-    model = attach_method(model, config.method, config.method_settings())
-    ctrl = apply_dropbp(model, drop_rate=options.rates[0], seed=config.seed)
+    ctrl = prepare_model(model, config, dropbp_rate=options.rates[0]).controller
     features = tokenize_dataset(list(islice(load_records(config)[0], config.batch_size)), tokenizer, config.max_seq_len)
-    device = next(model.parameters()).device
+    device = next(ctrl.model.parameters()).device
     batch = {key: value.to(device) for key, value in collate(features, tokenizer.pad_token_id).items()}
-    measurements, full = [], full_gradient(ctrl, batch)
-    for rate in options.rates:
-        ctrl.set_rates([rate] * len(ctrl.branches))
-        for patterns in options.patterns:
-            scores = gradient_fidelity(ctrl, batch, options.samples, patterns, full)
-            measurements.append({"rate": rate, "patterns_per_step": patterns, **scores})
+    measurements = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.uses_bf16()):  # as the Trainer runs it
+        full = full_gradient(ctrl, batch)
+        for rate in options.rates:
+            ctrl.set_rates([rate] * len(ctrl.branches))
+            for patterns in options.patterns:
+                scores = gradient_fidelity(ctrl, batch, options.samples, patterns, full)
+                measurements.append({"rate": rate, "patterns_per_step": patterns, **scores})
     result = {
         "model": config.model,
         **size,
