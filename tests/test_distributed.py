@@ -74,13 +74,17 @@ def rank_batch(step: int, micro: int, index: int) -> dict[str, torch.Tensor]:
     return tiny_batch(batch=2, length=12, seed=100 * step + 10 * micro + index)
 
 
-def run_steps(model, ctrl, forward, batch_at, micro: int = 1, no_sync=contextlib.nullcontext) -> tuple[list, list]:
-    """SGD steps of ``micro`` micro-batches (``no_sync`` around all but the last), allocation once on a shared batch.
+def run_steps(model, ctrl, forward, batch_at, micro: int = 1, no_sync=contextlib.nullcontext,
+              anchored: bool = False) -> tuple[list, list]:  # fmt: skip
+    """SGD steps of ``micro`` micro-batches (``no_sync`` around all but the last), allocation once on a shared batch;
+    ``anchored``: graphless forwards anchored for DDP, as leanft's DropBP callback does.
 
     Returns the pattern of every micro-batch and, per step, the trainable parameters the optimizer saw without a
     gradient.
     """
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    if anchored:
+        anchor_graphless_forwards(model, optimizer)
     patterns, gradless = [], []
     for step in range(STEPS):
         if step == ALLOCATE_BEFORE_STEP:
@@ -125,10 +129,9 @@ def work_equivalence(out: Path) -> None:
         else:
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
             no_sync = forward.no_sync
-            anchor_graphless_forwards(model)  # as leanft's DropBP callback does under DDP
         micro = MICRO_BATCHES.get(scenario, 1)
         batch_at = functools.partial(rank_batch, index=rank())
-        patterns, gradless = run_steps(model, ctrl, forward, batch_at, micro, no_sync)
+        patterns, gradless = run_steps(model, ctrl, forward, batch_at, micro, no_sync, anchored=engine != "fsdp2")
         result = {"patterns": gather_objects(patterns), "rates": gather_objects(ctrl.rates), "params": trained(model)}
         result["gradless"] = gather_objects(gradless)
         result["frozen"] = {name: full_tensor(m.weight.detach()) for name, m in leanft.paca_modules(model).items()}

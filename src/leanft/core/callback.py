@@ -98,7 +98,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self.allocated = bool(saved["attributes"].get("allocated"))
             self.auto_choice = saved["attributes"].get("auto")
             logger.info("DropBP state restored at step %d (rates %s)", state.global_step, self.controller.rates)
-        prepare_distributed_dropbp(self.controller, args, kwargs["model"])
+        prepare_distributed_dropbp(self.controller, args, kwargs["model"], kwargs["optimizer"])
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Allocate / pick the automatic rate once it is time; pause or resume dropping as the schedule says.

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from leanft.core.compat import checkpointing_functions, mark_distributed_loading, set_checkpointing_function
 from leanft.core.errors import LeanftError
@@ -206,22 +204,17 @@ def is_fsdp2(model: nn.Module) -> bool:
 class _GraphlessAnchor:
     """The hooks of ``anchor_graphless_forwards`` on one model and the state they share."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.param = next(p for p in model.parameters() if p.requires_grad)
         self.anchoring = False  # the current training forward reaches no trainable parameter
         self.zeros_only = False  # this step, ``param`` has a gradient only from anchors (zeros)
         model.register_forward_hook(self._after_forward, prepend=True)  # before DropBP's own anchor
         self.param.register_post_accumulate_grad_hook(self._accumulated)
-        alive = weakref.ref(self)
+        optimizer.register_step_pre_hook(self._before_step)  # this run's optimizer only
 
-        def before_step(optimizer, args, kwargs) -> None:
-            anchor = alive()
-            if anchor is None:
-                handle.remove()
-            elif anchor.zeros_only:  # as in one process: no gradient at all, so the optimizer skips it
-                anchor.param.grad, anchor.zeros_only = None, False
-
-        handle = register_optimizer_step_pre_hook(before_step)
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.zeros_only:  # as in one process: no gradient at all, so the optimizer skips it
+            self.param.grad, self.zeros_only = None, False
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
         if not (module.training and torch.is_grad_enabled()):
@@ -249,7 +242,7 @@ def _output_field(output: object, key: str) -> object:
     return output.get(key) if isinstance(output, dict) else getattr(output, key, None)
 
 
-def anchor_graphless_forwards(model: nn.Module) -> None:
+def anchor_graphless_forwards(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Make every training forward of a DDP-wrapped ``model`` with DropBP reach DDP's reducer.
 
     Cause (measured with torch 2.13, ``find_unused_parameters=True``): when DropBP drops every branch, the loss
@@ -259,12 +252,14 @@ def anchor_graphless_forwards(model: nn.Module) -> None:
     ``no_sync`` backward ("Encountered gradient which is undefined, but still allreduced by DDP reducer").
     Here such a forward's loss and logits get ``0 *`` one entry of the first trainable parameter, so DDP's hooks
     fire and it reduces as usual; where that parameter gets no real gradient in the step, its (zero) gradient is
-    set back to None before the optimizer step, so the gradients are exactly those of one process.
+    set back to None before ``optimizer``'s step, so the gradients are exactly those of one process.
     """
-    _GraphlessAnchor(model)
+    _GraphlessAnchor(model, optimizer)
 
 
-def prepare_distributed_dropbp(controller: DropBP, args: TrainingArguments, model: nn.Module) -> None:
+def prepare_distributed_dropbp(
+    controller: DropBP, args: TrainingArguments, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     """Check (and where possible fix) a distributed ``Trainer`` run with DropBP, before its first step.
 
     Under DDP: ``find_unused_parameters`` must be on and ``static_graph`` off (a LeanftError says so),
@@ -286,7 +281,7 @@ def prepare_distributed_dropbp(controller: DropBP, args: TrainingArguments, mode
             )
         if use_non_reentrant_checkpointing(model):
             logger.info("DropBP under DDP: gradient checkpointing switched to non-reentrant (reentrant breaks DDP)")
-        anchor_graphless_forwards(controller.model)
+        anchor_graphless_forwards(controller.model, optimizer)
     check_same_on_all_ranks(controller.pattern_state(), "DropBP state (seed, step, rates)")
 
 
