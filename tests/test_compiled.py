@@ -89,6 +89,10 @@ def test_compiling_after_dropbp_is_refused_and_uncompiling_restores_eager():
         compile_branches(model)
     controller.remove()
     compile_branches(model, backend="eager")
+    again = leanft.apply_dropbp(model, 0.5)
+    with pytest.raises(LeanftError, match="remove DropBP first"):  # the patches come off in reverse order
+        uncompile_branches(model)
+    again.remove()
     uncompile_branches(model)
     assert not any("_leanft_compiled_forward" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
 

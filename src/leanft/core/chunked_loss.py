@@ -25,6 +25,7 @@ from leanft.core.choices import LEANFT_LOSS, select_loss_kernel
 from leanft.core.compat import uncompiled
 from leanft.core.errors import LeanftError
 from leanft.core.fused_loss import fused_cross_entropy_sum
+from leanft.core.patching import patched_forward
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +158,8 @@ def output_head(model: nn.Module) -> nn.Linear:
 @contextlib.contextmanager
 def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear]:
     """Inside the block the model's output head returns its input: ``outputs.logits`` are the final hidden states."""
-    head = output_head(model)
-    previous = head.__dict__.get("forward")
-    head.forward = _identity
-    try:
+    with patched_forward(output_head(model), _identity) as head:
         yield head
-    finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
 
 
 def _identity(hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from leanft.core.blocks import find_branches
 from leanft.core.compat import allow_retained_graphs_in_compiled_code
 from leanft.core.dropbp import CONTROLLER_ATTRIBUTE
 from leanft.core.errors import LeanftError
+from leanft.core.patching import patch_forward
 
 COMPILED_ATTRIBUTE = "_leanft_compiled_forward"
 
@@ -30,17 +31,14 @@ def compile_branches(model: nn.Module, backend: str = "inductor", blocks: str | 
     allow_retained_graphs_in_compiled_code()  # DropBP's sensitivity measurement retains the graph
     for module in modules:
         if COMPILED_ATTRIBUTE not in module.__dict__:
-            setattr(module, COMPILED_ATTRIBUTE, module.__dict__.get("forward"))
-            module.forward = torch.compile(module.forward, backend=backend)
+            setattr(module, COMPILED_ATTRIBUTE, patch_forward(module, torch.compile(module.forward, backend=backend)))
     return len(modules)
 
 
 def uncompile_branches(model: nn.Module) -> None:
-    """Undo ``compile_branches``: every branch runs its eager forward again."""
+    """Undo ``compile_branches``: every branch runs its eager forward again (remove DropBP first)."""
+    if getattr(model, CONTROLLER_ATTRIBUTE, None) is not None:
+        raise LeanftError("remove DropBP first (controller.remove()): its wrappers hold the compiled forwards")
     for module in model.modules():
         if COMPILED_ATTRIBUTE in module.__dict__:
-            previous = module.__dict__.pop(COMPILED_ATTRIBUTE)
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+            module.__dict__.pop(COMPILED_ATTRIBUTE).restore()

@@ -33,6 +33,7 @@ from torch import nn
 from leanft.core.blocks import Branch, find_branches
 from leanft.core.choices import SAMPLERS
 from leanft.core.errors import LeanftError
+from leanft.core.patching import PatchedForward, patch_forward
 
 MAX_RATE = 0.9
 CONTROLLER_ATTRIBUTE = "leanft_dropbp"  # set on a model while a DropBP controller is attached
@@ -79,7 +80,7 @@ class DropBP:
         self._active = False
         self._forced: list[bool] | None = None
         self._generator = torch.Generator()
-        self._restore: list[tuple[nn.Module, object]] = []
+        self._restore: list[PatchedForward] = []
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward),
@@ -98,7 +99,6 @@ class DropBP:
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module, index: int) -> None:
         """Replace ``module.forward`` by a closure that runs it under no_grad when its branch is dropped."""
-        self._restore.append((module, module.__dict__.get("forward")))
         original = module.forward
 
         def forward(*args, **kwargs):
@@ -107,17 +107,14 @@ class DropBP:
                     return original(*args, **kwargs)
             return original(*args, **kwargs)
 
-        module.forward = forward
+        self._restore.append(patch_forward(module, forward))
 
     def remove(self) -> None:
         """Undo ``apply_dropbp``: original forwards, no hooks; the model is exactly as before."""
         for hook in self._hooks:
             hook.remove()
-        for module, previous in reversed(self._restore):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+        for handle in reversed(self._restore):
+            handle.restore()
         self._hooks, self._restore = [], []
         self._active = False
         if getattr(self.model, CONTROLLER_ATTRIBUTE, None) is self:
