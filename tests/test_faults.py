@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,3 +100,42 @@ def test_kill_9_anywhere_then_resume_gives_the_same_adapter(model_dir, data_file
 def test_kill_9_anywhere_then_resume_many_times(model_dir, data_file, tmp_path, limit):
     outcomes = trials(model_dir, data_file, tmp_path, limit, count=20, seed=100 + limit)
     assert outcomes.count("resumed, bit-identical") >= 10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 1 MiB tmpfs (skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_while_full_fine_tuning_saves_is_one_line(model_dir, data_file, small_disk):
+    from leanft.run.rundir import checkpoint_problem, checkpoints
+
+    run_dir = small_disk / "run"
+    args = command(model_dir, data_file, run_dir, 3, "method=full", "bf16=false")
+    args[args.index("save_steps=1")] = "save_steps=2"
+    error = one_line_error(run(args))
+    assert error.startswith("leanft: error:") and ("is full" in error or "no space left" in error)
+    assert all(checkpoint_problem(folder) is None for folder in checkpoints(run_dir))  # what was kept is whole
+
+
+def test_a_merge_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data_file, small_disk, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(command(model_dir, data_file, run_dir, 1, "method=full", "bf16=false")).returncode == 0
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # less is left than the merged model needs
+    out = small_disk / "merged"
+    error = one_line_error(run([sys.executable, "-m", "leanft", "merge", str(run_dir), str(out)]))
+    assert "no space left" in error and not out.exists()
+    assert not [path for path in small_disk.iterdir() if path.name != "filler"]  # no half-written temporary

@@ -6,7 +6,6 @@ Bad input ends with one line on stderr and exit code 2; Ctrl-C during training s
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import logging
@@ -284,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     except LeanftError as error:
         print(f"leanft: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:  # a full disk, whichever library was writing; anything else is raised again
+        from leanft.core.fileio import says_disk_full
+
+        if not says_disk_full(error):
             raise
-        print(f"leanft: error: no space left on the disk holding {error.filename or 'the output'}: free some "
-              "space and run again", file=sys.stderr)
+        where = getattr(error, "filename", None) or "the output"
+        print(f"leanft: error: no space left on the disk holding {where}: free some space and run again",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as interrupt:
         print(f"leanft: {str(interrupt) or 'interrupted (nothing was saved)'}", file=sys.stderr)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leanft.core.fileio import WRITE_ERRORS
+
 
 class TrainerCheckpointHooks:
     """Mixin before ``transformers.Trainer``: its private checkpoint methods, turned into public hooks.
@@ -47,7 +49,7 @@ class TrainerCheckpointHooks:
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        except WRITE_ERRORS as error:  # a full disk: OSError, torch.save's RuntimeError, safetensors' error
             self.checkpoint_failed(folder, error)
         if self.args.should_save:
             self.checkpoint_saved(folder)

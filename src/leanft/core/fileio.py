@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# what a write can raise when the disk is full: OSError; torch.save's RuntimeError; safetensors' own error
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def _umask() -> int:
@@ -63,3 +69,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(target, backup)
     os.replace(temporary, target)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def says_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` reports a full disk or quota (ENOSPC / EDQUOT), whichever library raised it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return isinstance(error, WRITE_ERRORS) and any(
+        sign in text for sign in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+    )

@@ -6,7 +6,6 @@ the end ``adapter/`` (or the full model), ``metrics.jsonl``, ``loss_curve.png`` 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import shutil
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 from leanft.core.errors import LeanftError
-from leanft.core.fileio import atomic_path
+from leanft.core.fileio import atomic_path, says_disk_full
 from leanft.run.config import TrainConfig, config_to_dict, flat_items, load_config
 from leanft.run.files import ADAPTER_DIR, COMPLETE_MARKER, LOCK_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
 from leanft.run.methods import MethodSettings, load_trained
@@ -58,7 +57,7 @@ def _listed(folder: Path) -> dict[str, int]:
 
 def disk_is_full(folder: Path, error: Exception) -> bool:
     """Whether ``error`` (raised writing under ``folder``) comes from a full disk or quota."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if says_disk_full(error):
         return True
     newest = next((c for c in checkpoints(folder) if checkpoint_problem(c) is None), None)
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else 0
