@@ -134,8 +134,9 @@ def test_bad_inputs_exit_2_with_one_line(model_dir, data_file, tmp_path, capsys)
         ([f"model={model_dir}", f"data={empty}"], "no examples"),
         ([f"model={model_dir}", "colour=blue"], "unknown key 'colour'"),
         ([f"model={model_dir}", "dropbp.rate=1.5"], "dropbp.rate"),
-        ([f"model={model_dir}", "method=s2ft", "s2ft_ffn=0"], "method=s2ft trains nothing"),
-        ([f"model={model_dir}", "s2ft_heads=2"], "s2ft_ffn and s2ft_heads must be in [0, 1]"),
+        ([f"model={model_dir}", "method=s2ft", "s2ft.ffn=0"], "method=s2ft trains nothing"),
+        ([f"model={model_dir}", "s2ft.heads=2"], "s2ft.ffn and s2ft.heads must be in [0, 1]"),
+        ([f"model={model_dir}", "lora.rank=2"], "unknown key 'lora.rank'"),
     ]
     for args, message in cases:
         assert main(["train", *args, f"output_dir={tmp_path / 'out'}"]) == 2, args
@@ -178,7 +179,7 @@ BAD_STUDY_OPTIONS = [
     (["compare", "variants=lora:lr=x"], "lr="),
     (["compare", "variants=lora:warmup=0.2"], "without DropBP"),
     (["compare", "variants=lora,full:optimizer=lion"], "optimizer must be one of"),
-    (["compare", "variants=lora,s2ft:s2ft_ffn=0"], "method=s2ft trains nothing"),
+    (["compare", "variants=lora,s2ft:ffn=0"], "method=s2ft trains nothing"),
     (["compare", "colour=blue"], "unknown key 'colour': see `leanft train --help`"),
 ]
 

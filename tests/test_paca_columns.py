@@ -51,17 +51,17 @@ def test_apply_paca_trains_the_highest_scoring_columns():
 def test_a_run_with_gradient_columns_trains_the_columns_its_first_batch_scores_highest(model_dir, data_file, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", f"model={model_dir}", f"data={data_file}", f"output_dir={run_dir}", "max_steps=2", "batch_size=4",
-            "num_eval=4", "max_new_tokens=2", "eval_steps=0", "r=2", "paca_columns=gradient", "seed=1"]
+            "num_eval=4", "max_new_tokens=2", "eval_steps=0", "r=2", "paca.columns=gradient", "seed=1"]
     assert main(args) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     saved = load_file(run_dir / "adapter" / "paca_adapter.safetensors")
     indices = {key: value for key, value in saved.items() if "index" in key}
     assert indices and all(len(value) == 2 for value in indices.values())
-    assert main([*args[:3], f"output_dir={tmp_path / 'other'}", *args[4:-2], "paca_columns=random", "seed=1"]) == 0
+    assert main([*args[:3], f"output_dir={tmp_path / 'other'}", *args[4:-2], "paca.columns=random", "seed=1"]) == 0
     other = load_file(tmp_path / "other" / "adapter" / "paca_adapter.safetensors")
     assert any(not torch.equal(indices[key], other[key]) for key in indices)  # a different choice than random
 
 
 def test_an_unknown_column_choice_is_refused_in_one_line(capsys):
-    assert main(["train", "paca_columns=largest"]) == 2
-    assert "paca_columns must be one of random, activation, gradient" in capsys.readouterr().err
+    assert main(["train", "paca.columns=largest"]) == 2
+    assert "paca.columns must be one of random, activation, gradient" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_save_and_load_give_the_trained_model_back_with_per_layer_column_counts(
 
 def test_bad_ratios_are_refused_before_the_model_changes():
     model = tiny_model("llama")
-    with pytest.raises(LeanftError, match="s2ft_ffn must be in"):
+    with pytest.raises(LeanftError, match="s2ft.ffn must be in"):
         apply_s2ft(model, ffn=1.5)
     with pytest.raises(LeanftError, match="select no channel or head"):
         apply_s2ft(model, ffn=0.001, heads=0.0)

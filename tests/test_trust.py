@@ -225,8 +225,8 @@ def test_bad_inputs_against_an_existing_run_change_nothing(model_dir, data_file,
         (["merge", str(finished), str(finished / "adapter"), "--overwrite"], "overlaps the run folder"),
         (["merge", str(stopped), str(tmp_path / "merged")], "not a finished leanft run"),
         (["eval", str(finished), "r=4"], "cannot change"),
-        (["eval", str(finished), "s2ft_ffn=0.5"], "s2ft_ffn of a trained run cannot change"),
-        (["eval", str(finished), "paca_columns=activation"], "paca_columns of a trained run cannot change"),
+        (["eval", str(finished), "s2ft.ffn=0.5"], "s2ft.ffn of a trained run cannot change"),
+        (["eval", str(finished), "paca.columns=activation"], "paca.columns of a trained run cannot change"),
         (["eval", str(tmp_path)], "not a leanft run folder"),
     ]
     before = {folder: snapshot(folder) for folder in (finished, stopped)}

@@ -38,7 +38,7 @@ def check_schedule(warmup: float, cooldown: float) -> None:
 def check_column_choice(choice: str) -> None:
     """Raise a LeanftError unless ``choice`` is one of ``COLUMN_CHOICES``."""
     if choice not in COLUMN_CHOICES:
-        raise LeanftError(f"paca_columns must be one of {', '.join(COLUMN_CHOICES)}, got {choice!r}")
+        raise LeanftError(f"paca.columns must be one of {', '.join(COLUMN_CHOICES)}, got {choice!r}")
 
 
 def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:

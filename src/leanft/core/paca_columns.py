@@ -94,7 +94,7 @@ def gradient_scores(model: nn.Module, names: Sequence[str], batch: dict) -> dict
             parameter.requires_grad_(True)
     missing = [name for name in names if name not in scores]
     if missing:
-        raise LeanftError(f"no gradient reached {missing[0]} on the calibration batch: use paca_columns=random")
+        raise LeanftError(f"no gradient reached {missing[0]} on the calibration batch: use paca.columns=random")
     return {name: scores[name].sqrt().cpu() for name in names}
 
 

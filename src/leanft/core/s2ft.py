@@ -71,7 +71,7 @@ def s2ft_columns(
     """
     for key, ratio in (("ffn", ffn), ("heads", heads)):
         if not 0.0 <= ratio <= 1.0:
-            raise LeanftError(f"s2ft_{key} must be in [0, 1] (share of all {key} channels/heads), got {ratio}")
+            raise LeanftError(f"s2ft.{key} must be in [0, 1] (share of all {key} channels/heads), got {ratio}")
     names = {id(module): name for name, module in model.named_modules()}
     hidden = getattr(text_config(getattr(model, "config", None)), "hidden_size", None)
     if not hidden:
@@ -91,7 +91,7 @@ def s2ft_columns(
     chosen = _draw(head_pool, heads, generator) + _draw(channel_pool, ffn, generator)
     if not chosen:
         raise LeanftError(
-            f"s2ft_ffn={ffn} and s2ft_heads={heads} select no channel or head of this model; raise one of them"
+            f"s2ft.ffn={ffn} and s2ft.heads={heads} select no channel or head of this model; raise one of them"
         )
     columns: dict[str, list[torch.Tensor]] = {}
     for name, first, size in chosen:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# keys of an earlier release, still read (run_config.yaml files of older runs hold them), and their spellings now
+OLD_KEYS = {"lora_alpha": "lora.alpha", "paca_columns": "paca.columns", "s2ft_ffn": "s2ft.ffn",
+            "s2ft_heads": "s2ft.heads"}  # fmt: skip
+
 REPORTERS = ("tensorboard", "wandb")  # each is also the name of the package it needs
 
 
@@ -139,20 +143,6 @@ class TrainConfig:
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc(" | ".join(METHODS), "paca")
     r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
-    lora_alpha: int = doc("LoRA scaling numerator (method=lora)", MethodSettings.lora_alpha)
-    paca_columns: str = doc(
-        "method=paca: which input columns train: random (the paper) | activation (largest input norm on the first "
-        "batch) | gradient (largest full-weight gradient norm on the first batch)",
-        MethodSettings.paca_columns,
-    )
-    s2ft_ffn: float = doc(
-        "method=s2ft: share of all FFN channels whose down-projection column trains (drawn model-wide)",
-        MethodSettings.s2ft_ffn,
-    )
-    s2ft_heads: float = doc(
-        "method=s2ft: share of all attention heads whose output-projection columns train (drawn model-wide)",
-        MethodSettings.s2ft_heads,
-    )
     target_modules: str = doc(
         "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
     )
@@ -224,6 +214,22 @@ class TrainConfig:
         None,
     )
     dropbp: DropBPConfig = doc("DropBP settings", factory=DropBPConfig)
+    method_keys: dict = dataclasses.field(default_factory=dict, metadata={"hidden": True})  # NAME -> its keys
+
+    def option_group(self, name: str) -> object | None:
+        """The keys of the registered method ``name`` (``lora.alpha=...`` sets them), or None for another name."""
+        spec = METHODS.get(name)
+        if spec is None or spec.keys is None:
+            return None
+        return self.method_keys.setdefault(name, spec.keys())
+
+    def option_alias(self, key: str) -> str | None:
+        """The current spelling of a key of an earlier release (``lora_alpha`` is ``lora.alpha``), else None."""
+        return OLD_KEYS.get(key)
+
+    def keys_of(self, name: str) -> object | None:
+        """The own keys of method ``name`` in this config (their defaults where unset)."""
+        return self.option_group(name)
 
     def learning_rate(self) -> float:
         """The configured learning rate, or the method's default."""
@@ -249,8 +255,8 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed, lora_alpha=self.lora_alpha,
-                              s2ft_ffn=self.s2ft_ffn, s2ft_heads=self.s2ft_heads, paca_columns=self.paca_columns)
+        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed,
+                              keys=self.keys_of(self.method))
 
     def validate_data(self) -> None:
         """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""
@@ -262,12 +268,11 @@ class TrainConfig:
             raise LeanftError("packing=true needs the whole dataset: turn off streaming or packing")
 
     def validate_method_keys(self) -> None:
-        """Raise a LeanftError for a bad S2FT or PaCA column setting."""
-        if not (0 <= self.s2ft_ffn <= 1 and 0 <= self.s2ft_heads <= 1):
-            raise LeanftError(f"s2ft_ffn and s2ft_heads must be in [0, 1], got {self.s2ft_ffn}, {self.s2ft_heads}")
-        choices.check_column_choice(self.paca_columns)
-        if self.method == "s2ft" and not (self.s2ft_ffn or self.s2ft_heads):
-            raise LeanftError("method=s2ft trains nothing with s2ft_ffn=0 and s2ft_heads=0: raise one of them")
+        """Raise a LeanftError for a bad value among the methods' own keys (each method's ``validate``)."""
+        for name in METHODS:
+            keys = self.keys_of(name)
+            if hasattr(keys, "validate"):
+                keys.validate(in_use=name == self.method)
 
     def validate(self) -> TrainConfig:
         """Raise a LeanftError naming the first bad value; returns self."""
@@ -372,13 +377,17 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
 
 
 def config_help() -> list[str]:
-    """One line per train key: ``key (default): help``, nested groups flattened with dots."""
-    return options_help(TrainConfig)
+    """One line per train key: ``key (default): help``, nested groups flattened with dots, each method's own keys
+    after them (``lora.alpha``)."""
+    own = [line for spec in METHODS.values() if spec.keys for line in options_help(spec.keys, f"{spec.name}.")]
+    return [*options_help(TrainConfig), *own]
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    """The config as plain nested data (for YAML / JSON)."""
-    return dataclasses.asdict(config)
+    """The config as plain nested data (for YAML / JSON): each method's keys as a group of its name."""
+    data = dataclasses.asdict(config)
+    data.pop("method_keys")
+    return {**data, **{name: dataclasses.asdict(config.keys_of(name)) for name in METHODS if config.keys_of(name)}}
 
 
 def flat_items(config: TrainConfig) -> dict[str, object]:

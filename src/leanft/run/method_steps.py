@@ -12,37 +12,38 @@ import peft
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from leanft.core.choices import check_column_choice
 from leanft.core.errors import LeanftError
 from leanft.core.paca import apply_paca, check_paca_targets, merge_paca, target_names
 from leanft.core.paca_columns import column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
-from leanft.run.methods import MethodSettings, parse_target_modules
+from leanft.run.methods import LoraKeys, MethodSettings, PacaKeys, S2ftKeys, parse_target_modules
 
 
 def attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    """PaCA layers on the targeted linears, columns chosen as ``settings.paca_columns`` says."""
+    """PaCA layers on the targeted linears, columns chosen as ``paca.columns`` says."""
     targets = parse_target_modules(settings.target_modules)
     names = check_paca_targets(model, settings.r, targets)
-    scores = column_scores(model, names, settings.calibration, settings.paca_columns)
+    scores = column_scores(model, names, settings.calibration, settings.own(PacaKeys).columns)
     return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed, scores=scores)
 
 
 def check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
     """Raise what ``attach_paca`` would (targets, r, column choice), leaving the model unchanged."""
     check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
-    check_column_choice(settings.paca_columns)
+    settings.own(PacaKeys).validate(in_use=True)
 
 
 def attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     """S2FT's heads and FFN channels, trained as PaCA column layers."""
-    return apply_s2ft(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
+    keys = settings.own(S2ftKeys)
+    return apply_s2ft(model, ffn=keys.ffn, heads=keys.heads, seed=settings.seed)
 
 
 def check_s2ft(model: PreTrainedModel, settings: MethodSettings) -> None:
     """Raise what ``attach_s2ft`` would, leaving the model unchanged."""
-    s2ft_columns(model, ffn=settings.s2ft_ffn, heads=settings.s2ft_heads, seed=settings.seed)
+    keys = settings.own(S2ftKeys)
+    s2ft_columns(model, ffn=keys.ffn, heads=keys.heads, seed=settings.seed)
 
 
 def check_lora(model: PreTrainedModel, settings: MethodSettings) -> None:
@@ -58,7 +59,7 @@ def attach_lora(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     """A peft LoRA model with ``settings``' rank, alpha and target modules."""
     config = peft.LoraConfig(
         r=settings.r,
-        lora_alpha=settings.lora_alpha,
+        lora_alpha=settings.own(LoraKeys).alpha,
         target_modules=parse_target_modules(settings.target_modules),
         task_type="CAUSAL_LM",
     )

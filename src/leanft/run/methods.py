@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from leanft.core.choices import check_column_choice
 from leanft.core.errors import LeanftError
+from leanft.run.options import doc
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,6 +28,43 @@ STEPS = "leanft.run.method_steps"  # the functions below name what they run ther
 PACA = "leanft.core.paca"
 
 
+@dataclass
+class PacaKeys:
+    """``paca.*``: PaCA's own keys."""
+
+    columns: str = doc(
+        "which input columns PaCA trains: random (the paper) | activation (largest activation norm) | gradient "
+        "(largest full-weight gradient norm), both scored on the first training batch",
+        "random",
+    )
+
+    def validate(self, in_use: bool) -> None:
+        """Raise a LeanftError for a bad value (``in_use``: the run trains with PaCA)."""
+        check_column_choice(self.columns)
+
+
+@dataclass
+class S2ftKeys:
+    """``s2ft.*``: S2FT's own keys."""
+
+    ffn: float = doc("share of FFN channels (down-projection input columns) S2FT trains", 0.05)
+    heads: float = doc("share of attention heads (output-projection input columns) S2FT trains", 0.0)
+
+    def validate(self, in_use: bool) -> None:
+        """Raise a LeanftError for a bad value (``in_use``: the run trains with S2FT)."""
+        if not (0 <= self.ffn <= 1 and 0 <= self.heads <= 1):
+            raise LeanftError(f"s2ft.ffn and s2ft.heads must be in [0, 1], got {self.ffn}, {self.heads}")
+        if in_use and not (self.ffn or self.heads):
+            raise LeanftError("method=s2ft trains nothing with s2ft.ffn=0 and s2ft.heads=0: raise one of them")
+
+
+@dataclass
+class LoraKeys:
+    """``lora.*``: peft LoRA's own keys."""
+
+    alpha: int = doc("LoRA's scaling numerator (peft's lora_alpha; the update is scaled by alpha / r)", 16)
+
+
 @dataclass(frozen=True)
 class MethodSettings:
     """What attaching a method needs; ``TrainConfig.method_settings()`` gives a run's."""
@@ -33,11 +72,12 @@ class MethodSettings:
     r: int = 8
     target_modules: str = "all-linear"
     seed: int = 0
-    lora_alpha: int = 16  # these defaults are also ``TrainConfig``'s
-    s2ft_ffn: float = 0.05
-    s2ft_heads: float = 0.0
-    paca_columns: str = "random"  # or a data-aware choice of leanft.core.paca_columns, scored on ``calibration``
+    keys: object | None = None  # the method's own keys (its ``MethodSpec.keys``); None: their defaults
     calibration: dict | None = None  # a training batch (tensors on the model's device)
+
+    def own(self, spec_keys: type):
+        """The method's own keys: those given, else the defaults of ``spec_keys``."""
+        return self.keys if isinstance(self.keys, spec_keys) else spec_keys()
 
 
 @dataclass(frozen=True)
@@ -55,6 +95,8 @@ class MethodSpec:
     merge: Callable[[nn.Module], PreTrainedModel]
     check: Callable[[PreTrainedModel, MethodSettings], None]  # raises what attach would, without changing the model
     own_checkpoints: bool = False  # True: Trainer checkpoints hold what ``save`` writes, not the whole model
+    keys: type | None = None  # a dataclass of the method's own keys (``NAME.KEY=...``, doc() fields; it may
+    # have ``validate(in_use: bool)``, called before any model loads)
 
 
 def parse_target_modules(text: str) -> str | list[str]:
@@ -87,12 +129,14 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=1e-2, quantized="qpaca",
-                   attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), **PACA_FILES),
+                   attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), keys=PacaKeys,
+                   **PACA_FILES),
         MethodSpec(name="s2ft", label="S2FT", short_label="S2FT", default_lr=1e-2, quantized=None,
-                   attach=lazy("attach_s2ft"), check=lazy("check_s2ft"), merge=lazy("merge_columns"), **PACA_FILES),
+                   attach=lazy("attach_s2ft"), check=lazy("check_s2ft"), merge=lazy("merge_columns"), keys=S2ftKeys,
+                   **PACA_FILES),
         MethodSpec(name="lora", label="peft LoRA", short_label="LoRA", default_lr=3e-3, quantized="qlora",
                    attach=lazy("attach_lora"), check=lazy("check_lora"), merge=lazy("merge_lora"),
-                   load=lazy("load_lora"), **PRETRAINED_FILES),
+                   load=lazy("load_lora"), keys=LoraKeys, **PRETRAINED_FILES),
         MethodSpec(name="full", label="full FT", short_label="full FT", default_lr=1e-4, quantized=None,
                    attach=lazy("attach_full"), check=lazy("check_nothing"), merge=_unchanged,
                    load=lazy("load_full"), **PRETRAINED_FILES),

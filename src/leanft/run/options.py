@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from dataclasses import field
 import yaml
 
 from leanft.core.errors import LeanftError
+
+logger = logging.getLogger(__name__)
 
 
 def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -28,7 +31,7 @@ def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 
 def _field_types(cls: type) -> dict[str, object]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("hidden")}
 
 
 def coerce(value: object, kind: object, key: str) -> object:
@@ -58,13 +61,22 @@ def coerce(value: object, kind: object, key: str) -> object:
 
 
 def assign(target: object, key: str, value: object, command: str, prefix: str = "") -> None:
-    """Set the (dotted) option ``key`` of the dataclass ``target`` to ``value`` converted to its type."""
+    """Set the (dotted) option ``key`` of the dataclass ``target`` to ``value`` converted to its type.
+
+    A target may offer more groups than its fields (``option_group(name)``: a dataclass, or None), and the
+    current spelling of an old key (``option_alias(key)``: the new key, or None).
+    """
+    alias = getattr(target, "option_alias", lambda _: None)(key)
+    if alias is not None:
+        logger.warning("%s%s is now %s%s: the old spelling is read until leanft 0.3", prefix, key, prefix, alias)
+        return assign(target, alias, value, command, prefix)
     types_by_name = _field_types(type(target))
     head, _, rest = key.partition(".")
     full = prefix + head
-    if head not in types_by_name:
+    group = getattr(target, "option_group", lambda _: None)(head) if head not in types_by_name else None
+    if head not in types_by_name and group is None:
         raise LeanftError(f"unknown key {full!r}: see `leanft {command} --help` for the keys")
-    current = getattr(target, head)
+    current = getattr(target, head) if group is None else group
     if dataclasses.is_dataclass(current):
         if rest:
             assign(current, rest, value, command, full + ".")
@@ -108,6 +120,8 @@ def options_help(cls: type, prefix: str = "") -> list[str]:
     """One line per field: ``key (default): help``, nested groups flattened with dots."""
     lines = []
     for item in dataclasses.fields(cls):
+        if item.metadata.get("hidden"):
+            continue
         default = item.default_factory() if item.default is dataclasses.MISSING else item.default
         if dataclasses.is_dataclass(default):
             lines += options_help(type(default), prefix + item.name + ".")

@@ -21,12 +21,18 @@ from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path, says_disk_full
 from leanft.run.config import TrainConfig, config_to_dict, flat_items, load_config
 from leanft.run.files import ADAPTER_DIR, COMPLETE_MARKER, LOCK_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
-from leanft.run.methods import MethodSettings, load_trained
+from leanft.run.methods import METHODS, MethodSettings, load_trained
 from leanft.run.models import load_model_and_tokenizer
 
-# what a trained run's model is made of: the base, the method and every setting that attaching the method reads
+# what a trained run's model is made of: the base, the method, the settings every method reads (MethodSettings)
+# and each method's own keys (``lora.alpha``, ...: see ``model_keys``)
 MODEL_KEYS = ("model", "quantize", "method",
-              *(item.name for item in fields(MethodSettings) if item.name != "calibration"))  # fmt: skip
+              *(item.name for item in fields(MethodSettings) if item.name not in ("keys", "calibration")))  # fmt: skip
+
+
+def model_keys(flat: dict[str, object]) -> list[str]:
+    """The keys among ``flat`` (``flat_items`` of a config) that a trained run may not change."""
+    return [key for key in flat if key in MODEL_KEYS or key.split(".")[0] in METHODS]
 RESUME_SAFE_KEYS = (  # what a resumed run may change: how long it trains, how often it logs, saves and evaluates
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "ddp_timeout", "resume", "overwrite",
     "output_dir",  # the folder may have been moved
@@ -256,7 +262,8 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
         raise LeanftError(f"{run_dir} is not a finished leanft run (no {RUN_CONFIG_FILE} and {ADAPTER_DIR}/)")
     saved = load_config(run_dir / RUN_CONFIG_FILE)
     config = load_config(run_dir / RUN_CONFIG_FILE, list(overrides))
-    changed = [key for key in MODEL_KEYS if getattr(config, key) != getattr(saved, key)]
+    given, kept = flat_items(config), flat_items(saved)
+    changed = [key for key in model_keys(given) if given[key] != kept.get(key)]
     if changed:
         raise LeanftError(f"{', '.join(changed)} of a trained run cannot change: drop {changed[0]}=...")
     return config

@@ -183,7 +183,7 @@ def build_trainer(
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
     calibration = None
-    if config.paca_columns != "random":  # scored on the first training batch
+    if config.method == "paca" and config.keys_of("paca").columns != "random":  # scored on the first batch
         collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
         calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
                                 next(inputs.model.parameters()).device)

@@ -10,6 +10,7 @@ variant's step time, and its schedule is set to the steps that fit (so the cosin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -40,7 +41,11 @@ def study_variants() -> dict[str, dict]:
     return variants
 
 
-VARIANTS = study_variants()
+# a variant's own keys that are train keys; its method's own keys (``columns`` of paca) and DropBP's are the others
+VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "warmup_ratio", "lr_scheduler", "bf16", "compile", "optimizer",
+                      "seed")  # fmt: skip
+
+
 DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
 STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
 PROBE_STEPS = 6  # a budgeted variant's probe run; its first step (warm-up, allocation) does not set the median
@@ -55,12 +60,11 @@ class CompareOptions:
     """The keys ``leanft compare`` adds to those of ``leanft train``."""
 
     variants: str = doc(
-        "comma-separated, the first is the baseline; choose from " + ", ".join(VARIANTS)
-        + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own lr, "
-        "r, target_modules, paca_columns, warmup_ratio, lr_scheduler, bf16, compile, optimizer, s2ft_ffn, s2ft_heads "
-        "and DropBP keys after colons: paca:lr=0.01, "
-        "paca:r=32, lora:bf16=false, "
-        "full:optimizer=apollo, paca+dropbp:warmup=0.2:rate=0.3",
+        "comma-separated, the first is the baseline; choose from " + ", ".join(study_variants())
+        + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own "
+        + ", ".join(VARIANT_TRAIN_KEYS) + ", its method's own keys and DropBP keys after colons: paca:lr=0.01, "
+        "paca:r=32:columns=activation, lora:alpha=32, s2ft:ffn=0.1, full:optimizer=apollo, "
+        "paca+dropbp:warmup=0.2:rate=0.3",
         DEFAULT_VARIANTS,
     )
     eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
@@ -78,9 +82,10 @@ class CompareOptions:
         if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
             raise LeanftError(f"budget_s must be a number of seconds > 0 (or null), got {self.budget_s!r}")
         names = [name.strip() for name in self.variants.split(",") if name.strip()]
-        unknown = [name for name in names if variant_base(name) not in VARIANTS]
+        unknown = [name for name in names if variant_base(name) not in study_variants()]
         if unknown or not names:
-            raise LeanftError(f"unknown variant(s) {unknown or self.variants!r}: choose from {', '.join(VARIANTS)}")
+            raise LeanftError(f"unknown variant(s) {unknown or self.variants!r}: choose from "
+                              f"{', '.join(study_variants())}")
         if len(set(names)) != len(names):
             raise LeanftError(f"variants lists a method twice: {self.variants}")
         self.variants = ",".join(names)
@@ -99,20 +104,26 @@ def variant_base(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-# a variant's own keys that are train keys; the rest are DropBP's
-VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "paca_columns", "warmup_ratio", "lr_scheduler", "bf16", "compile",
-                      "optimizer", "s2ft_ffn", "s2ft_heads")
-
-
 def variant_overrides(name: str) -> list[str]:
-    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: one of
-    ``VARIANT_TRAIN_KEYS``, or a DropBP key."""
-    return [item if item.partition("=")[0] in VARIANT_TRAIN_KEYS else f"dropbp.{item}" for item in name.split(":")[1:]]
+    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: one of ``VARIANT_TRAIN_KEYS``,
+    a key of its method's own (``paca:columns=activation`` is ``paca.columns``), a dotted train key, or a DropBP
+    key."""
+    method = study_variants()[variant_base(name)]["method"]
+    own = METHODS[method].keys
+    own_names = {item.name for item in dataclasses.fields(own)} if own else set()
+
+    def spelled(item: str) -> str:
+        key = item.partition("=")[0]
+        if key in VARIANT_TRAIN_KEYS or "." in key:
+            return item
+        return f"{method}.{item}" if key in own_names else f"dropbp.{item}"
+
+    return [spelled(item) for item in name.split(":")[1:]]
 
 
 def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
     """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings."""
-    spec = VARIANTS[variant_base(name)]
+    spec = study_variants()[variant_base(name)]
     if any(item.startswith("dropbp.") for item in variant_overrides(name)) and not spec["dropbp_on"]:
         raise LeanftError(f"variant {name!r} sets DropBP keys on a method without DropBP")
     dropbp = dataclasses.replace(
@@ -125,6 +136,7 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
         method=spec["method"],
         dropbp=dropbp,
         output_dir=str(study_dir / name),
+        method_keys=copy.deepcopy(base.method_keys),  # the variant's own keys must not reach the others
         eval_steps=eval_every,
         resume=False,
         overwrite=False,
@@ -137,7 +149,7 @@ def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: in
 
 def check_study(base: TrainConfig, names: Sequence[str]) -> None:
     """Refuse settings under which the named variants would not be what their names say."""
-    if base.dropbp.allocate_at is None and any(VARIANTS[variant_base(n)]["allocate"] for n in names):
+    if base.dropbp.allocate_at is None and any(study_variants()[variant_base(n)]["allocate"] for n in names):
         raise LeanftError("allocated DropBP variants need dropbp.allocate_at (default 0.1); use *-uniform variants")
     if base.resume:
         raise LeanftError("leanft compare cannot resume: rerun it (overwrite=true replaces the study folder)")
