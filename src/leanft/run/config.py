@@ -142,7 +142,11 @@ class TrainConfig:
     streaming: bool = doc("read data while training instead of loading it all (data larger than memory)", False)
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc(" | ".join(METHODS), "paca")
-    r: int = doc("PaCA columns / LoRA rank per layer", MethodSettings.r)
+    r: int | None = doc(
+        "PaCA columns / LoRA rank per layer; null = the method's default: "
+        + ", ".join(f"{m.name} {m.default_r}" for m in METHODS.values() if m.default_r is not None),
+        None,
+    )
     target_modules: str = doc(
         "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
     )
@@ -231,6 +235,18 @@ class TrainConfig:
         """The own keys of method ``name`` in this config (their defaults where unset)."""
         return self.option_group(name)
 
+    def rank(self) -> int:
+        """The configured r, or the method's default."""
+        if self.r is not None:
+            return self.r
+        return method_spec(self.method).default_r or MethodSettings.r  # a method without r ignores it
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the method's defaults (r, lr) written in, as a run folder records them, so a later
+        release's defaults never change what a trained run was."""
+        return dataclasses.replace(self, r=self.rank(), lr=self.learning_rate(),
+                                   method_keys=copy.deepcopy(self.method_keys))  # fmt: skip
+
     def learning_rate(self) -> float:
         """The configured learning rate, or the method's default."""
         return self.lr if self.lr is not None else method_spec(self.method).default_lr
@@ -255,7 +271,7 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        return MethodSettings(r=self.r, target_modules=self.target_modules, seed=self.seed,
+        return MethodSettings(r=self.rank(), target_modules=self.target_modules, seed=self.seed,
                               keys=self.keys_of(self.method))
 
     def validate_data(self) -> None:
@@ -297,7 +313,9 @@ class TrainConfig:
             raise LeanftError(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         if self.fsdp and self.resume:
             raise LeanftError("resume=true is not supported with fsdp=true (its checkpoints hold no optimizer state)")
-        for name in ("r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps",
+        if self.r is not None and self.r < 1:
+            raise LeanftError(f"r must be >= 1 (or null for the method's default), got {self.r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "num_eval", "save_steps",
                      "save_total_limit", "logging_steps", "num_train"):
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -95,6 +95,7 @@ class MethodSpec:
     merge: Callable[[nn.Module], PreTrainedModel]
     check: Callable[[PreTrainedModel, MethodSettings], None]  # raises what attach would, without changing the model
     own_checkpoints: bool = False  # True: Trainer checkpoints hold what ``save`` writes, not the whole model
+    default_r: int | None = None  # r (PaCA's columns, LoRA's rank) where the config leaves it null; None: no r
     keys: type | None = None  # a dataclass of the method's own keys (``NAME.KEY=...``, doc() fields; it may
     # have ``validate(in_use: bool)``, called before any model loads)
 
@@ -128,13 +129,13 @@ PRETRAINED_FILES = {"save": lazy("save_pretrained")}
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=1e-2, quantized="qpaca",
+        MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=3e-3, default_r=32, quantized="qpaca",
                    attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), keys=PacaKeys,
                    **PACA_FILES),
         MethodSpec(name="s2ft", label="S2FT", short_label="S2FT", default_lr=1e-2, quantized=None,
                    attach=lazy("attach_s2ft"), check=lazy("check_s2ft"), merge=lazy("merge_columns"), keys=S2ftKeys,
                    **PACA_FILES),
-        MethodSpec(name="lora", label="peft LoRA", short_label="LoRA", default_lr=3e-3, quantized="qlora",
+        MethodSpec(name="lora", label="peft LoRA", short_label="LoRA", default_lr=3e-3, default_r=8, quantized="qlora",
                    attach=lazy("attach_lora"), check=lazy("check_lora"), merge=lazy("merge_lora"),
                    load=lazy("load_lora"), keys=LoraKeys, **PRETRAINED_FILES),
         MethodSpec(name="full", label="full FT", short_label="full FT", default_lr=1e-4, quantized=None,

@@ -252,7 +252,7 @@ def start_run_dir(run_dir: Path, config: TrainConfig) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / RUN_CONFIG_FILE) as temporary:
-        temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        temporary.write_text(yaml.safe_dump(config_to_dict(config.resolved()), sort_keys=False))
 
 
 def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -136,7 +136,7 @@ def run_study(config: TrainConfig, options: StudyOptions) -> dict:
         "model": config.model,
         **size,
         "method": config.method,
-        "r": config.r,
+        "r": config.rank(),
         "quantize": config.quantize,
         "seed": config.seed,
         "batch_rows": len(features),
