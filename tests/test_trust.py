@@ -285,7 +285,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_intact(model_
         pytest.skip("mounting a small tmpfs is not allowed here")
     try:
         run_dir = disk / "run"
-        args = run_args(model_dir, data_file, run_dir, "save_steps=1", "save_total_limit=1", "eval_steps=0")
+        args = run_args(model_dir, data_file, run_dir, "save_steps=1", "save_total_limit=1", "eval_steps=0", "r=8")
         assert main(args) == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("leanft: error: the disk holding") and "is full" in error

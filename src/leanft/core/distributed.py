@@ -210,7 +210,8 @@ class _GraphlessAnchor:
         self.zeros_only = False  # this step, ``param`` has a gradient only from anchors (zeros)
         model.register_forward_hook(self._after_forward, prepend=True)  # before DropBP's own anchor
         self.param.register_post_accumulate_grad_hook(self._accumulated)
-        optimizer.register_step_pre_hook(self._before_step)  # this run's optimizer only
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the optimizer inside it
+        inner.register_step_pre_hook(self._before_step)  # this run's optimizer only
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self.zeros_only:  # as in one process: no gradient at all, so the optimizer skips it
