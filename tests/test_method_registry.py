@@ -17,7 +17,7 @@ from leanft.core.errors import LeanftError
 from leanft.run.config import config_help, config_to_dict, flat_items, load_config
 from leanft.run.methods import METHODS, MethodSpec, lazy
 from leanft.run.options import doc
-from leanft.studies.compare import variant_overrides
+from leanft.studies.variants import variant_overrides
 
 
 @dataclasses.dataclass
