@@ -30,15 +30,12 @@ def quiet_transformers() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``leanft train``: every key is checked before torch and transformers are imported."""
-    from leanft.run.config import load_config
+    from leanft.run.config import train_config
 
-    path, overrides = split_config_path(args.items)
-    load_config(path, overrides)
+    config = train_config(*split_config_path(args.items))
     quiet_transformers()
-    from leanft.run.rundir import resume_config
     from leanft.run.train import train
 
-    config = resume_config(path, overrides)
     summary = train(config)
     if summary:
         print(short_summary(summary))

@@ -164,7 +164,7 @@ def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list)
     """Set the model up (``prepare_model``: method, precision, compile, DropBP, checkpointing), then the Trainer with
     leanft's callbacks: the ``Run`` that training fills in."""
     calibration = None
-    if config.method == "paca" and config.keys_of("paca").columns != "random":  # scored on the first batch
+    if config.method == "paca" and config.option_group("paca").columns != "random":  # scored on the first batch
         collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
         calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
                                 next(inputs.model.parameters()).device)
