@@ -151,7 +151,7 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(model_dir, data_f
     assert main(run_args(model_dir, data_file, run_dir, "max_steps=2")) == 2
     assert "overwrite=true" in one_line_error(capsys)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    for extra in ([], ["--overwrite"]):  # merging a run into its own folder would replace the run
+    for extra in ([], ["overwrite=true"]):  # merging a run into its own folder would replace the run
         assert main(["merge", str(run_dir), str(run_dir), *extra]) == 2
         assert "overlaps the run folder" in one_line_error(capsys)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
