@@ -37,6 +37,7 @@ def paca_lora_form(model: nn.Module, uniform_rank: bool = False) -> tuple[peft.L
         bias="none",
         fan_in_fan_out=all(layer.transposed for layer in factors.values()),
         task_type="CAUSAL_LM",
+        inference_mode=True,  # as peft's own save_pretrained writes it
         base_model_name_or_path=getattr(model, "name_or_path", None) or None,
     )
     tensors = {}
