@@ -111,7 +111,6 @@ def _paca_bias(folder: Path) -> str | None:
     path = folder / ADAPTER_FILE
     if not path.is_file():
         return None
-
     with safe_open(str(path), framework="pt") as handle:
         return next((key.rsplit(".", 1)[0] for key in handle.keys() if key.endswith(".bias")), None)  # noqa: SIM118
 
@@ -123,7 +122,7 @@ def _write_peft_lora(job: ExportJob, model: nn.Module, tokenizer, folder: Path) 
     config, tensors = METHODS[job.config.method].lora_form(model, job.options.uniform_rank)
     write_adapter(folder, config, tensors, _dtype(job))
     layers = sum(key.endswith(".lora_A.weight") for key in tensors)
-    ranks = sorted({*config.rank_pattern.values(), config.r})
+    ranks = sorted({*(config.rank_pattern or {}).values(), config.r})
     shown = str(config.r) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     note = (f"\nnote: the adapter applies to the base loaded in 4 bits as the run trained it ({job.config.quantize}, "
             "nf4, double quantization)" if job.config.quantize else "")
