@@ -1,9 +1,9 @@
 """The method registry: one ``MethodSpec`` per fine-tuning method, used by train, eval, merge, bench and compare.
 
 A spec says how the method makes a loaded model trainable (``attach``), writes and reads what it trained
-(``save`` / ``load``), gives back a plain transformers model (``merge``), its default learning rate, its labels,
-and the name of its form on a 4-bit base. Adding a method is one entry in ``METHODS`` plus the module that
-implements it.
+(``save`` / ``load``), gives back a plain transformers model (``merge``), its update as a peft LoRA adapter where it
+has one (``lora_form``), its default learning rate, its labels, and the name of its form on a 4-bit base. Adding a
+method is one entry in ``METHODS`` plus the module that implements it.
 """
 
 from __future__ import annotations
