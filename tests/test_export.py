@@ -204,6 +204,7 @@ def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_
     monkeypatch.setattr(models, "load_model", never)
     out, a_file = tmp_path / "out", tmp_path / "a_file"
     a_file.write_text("x")
+    capsys.readouterr()  # what training the runs printed
     cases = [
         (["export", str(paca_run), str(out), "format=onnx"], "format must be one of hf, peft-lora"),
         (["export", str(paca_run), str(out), "dtype=int8"], "dtype must be one of"),
@@ -212,7 +213,7 @@ def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_
         (["export", str(biased), str(out), "format=peft-lora"], "trains the bias of model.layers.0.mlp.down_proj"),
         (["export", str(paca_run), str(paca_run / "adapter"), "overwrite=true"], "overlaps the run folder"),
         (["export", str(paca_run), str(a_file)], "is a file"),
-        (["export", str(tmp_path), str(out)], "not a finished leanft run"),
+        (["export", str(biased / "adapter"), str(out)], "not a finished leanft run"),
         (["export", str(paca_run), str(out), "--overwrite"], "run leanft export RUN OUT overwrite=true"),
         (["merge", str(paca_run), str(out), "--overwrite"], "run leanft merge RUN OUT overwrite=true"),
         (["merge", str(paca_run), str(out), "--dtype", "bfloat16"], "run leanft merge RUN OUT dtype=bfloat16"),
