@@ -228,7 +228,9 @@ def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["paca", "s2ft"])
-def test_the_adapter_of_the_default_model_gives_the_merged_logits(method, tmp_path):
+def test_the_adapter_of_the_default_model_is_its_merged_model(method, tmp_path):
+    """On the real 30-layer model peft's merge of the adapter is leanft's merged model bit for bit; unmerged, the
+    logits differ by the fp32 rounding of LoRA's extra addition, as peft's own unmerged and merged forms do."""
     from leanft.run.models import default_model_path
 
     def base():
@@ -247,9 +249,12 @@ def test_the_adapter_of_the_default_model_gives_the_merged_logits(method, tmp_pa
     config, tensors = paca_lora_form(model)
     write_adapter(tmp_path, config, tensors, torch.float32)
     ids = torch.randint(0, 49152, (2, 64), generator=generator)
+    loaded = peft.PeftModel.from_pretrained(base(), str(tmp_path)).eval()
     with torch.no_grad():
         expected = leanft.merge_paca(model).eval()(input_ids=ids).logits
-        got = peft.PeftModel.from_pretrained(base(), str(tmp_path)).eval()(input_ids=ids).logits
-    difference = (got - expected).abs().max().item()
+        unmerged = loaded(input_ids=ids).logits
+        merged_by_peft = loaded.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged_by_peft, expected, rtol=0, atol=0)
+    difference = (unmerged - expected).abs().max().item()
     print(f"{method}: max abs logit difference {difference:.2e} (logits up to {expected.abs().max().item():.1f})")
-    assert difference <= EXACT
+    assert difference <= 2 * EXACT  # measured 8.4e-5 (PaCA) and 1.0e-4 (S2FT) on logits up to 34
