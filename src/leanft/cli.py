@@ -195,12 +195,15 @@ def _add_keys_command(
 def _add_export_command(commands, name: str, summary: str, description: str) -> None:
     """``leanft export`` / ``leanft merge``: RUN_DIR OUT [key=value ...]; the flags of before are refused with
     their new spelling."""
+    def keys() -> list[str]:
+        lines = options_help(_option_class("run.export:ExportOptions"))
+        return ["keys:", *(line for line in lines if name == "export" or line.split()[0] in ("dtype", "overwrite"))]
+
     command = commands.add_parser(
-        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
-        keys=lambda: ["keys:", *options_help(_option_class("run.export:ExportOptions"))],
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description, keys=keys,
     )
-    command.add_argument("run_dir")
-    command.add_argument("out")
+    command.add_argument("run_dir", help="a finished leanft run folder")
+    command.add_argument("out", help="the folder to write (replaced only once it is completely written)")
     command.add_argument("items", nargs="*", metavar="key=value")
     command.add_argument("--overwrite", dest="old_overwrite", action="store_true", help=argparse.SUPPRESS)
     command.add_argument("--dtype", dest="old_dtype", default=None, help=argparse.SUPPRESS)

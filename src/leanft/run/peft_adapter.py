@@ -38,13 +38,19 @@ def paca_lora_form(model: nn.Module, uniform_rank: bool = False) -> tuple[peft.L
         fan_in_fan_out=all(layer.transposed for layer in factors.values()),
         task_type="CAUSAL_LM",
         inference_mode=True,  # as peft's own save_pretrained writes it
-        base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+        base_model_name_or_path=_base_name(model),
     )
     tensors = {}
     for name, layer in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.a
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.b
     return config, tensors
+
+
+def _base_name(model: nn.Module) -> str | None:
+    """Where the base came from: a hub id as it is, a local folder as an absolute path (None when unknown)."""
+    name = getattr(model, "name_or_path", None) or None
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
 
 
 def trained_lora_form(model: nn.Module, uniform_rank: bool = False) -> tuple[peft.LoraConfig, dict[str, torch.Tensor]]:
