@@ -68,11 +68,12 @@ def plan(args: argparse.Namespace, work: Path) -> list[tuple[str, list[str], flo
              f"--junitxml={work / 'cuda_tests.xml'}", "tests/test_cuda.py"]  # fmt: skip
     model = [f"model={args.model}"] if args.model else []
     if args.quick:
-        bench = leanft("bench", "quick=true", "bases=lora,paca", "rates=0.5", "rounds=1", "warmup=1",
-                       "max_len_methods=paca+dropbp0.5", "max_len_cap=256", *model)  # fmt: skip
+        bench = leanft("bench", "quick=true", "variants=lora,paca", "rates=0.5", "rounds=1", "untimed_steps=1",
+                       "max_len_methods=paca+dropbp-uniform:rate=0.5", "max_len_cap=256", *model)  # fmt: skip
     else:  # batch 4 x 1024, QPaCA, the floors, and the length search up to 16k tokens
-        bench = leanft("bench", "bases=lora,paca,qpaca", "rates=0.5", "batch=4", "seq_len=1024", "rounds=5",
-                       "max_len_methods=lora,paca,paca+dropbp0.5,qpaca+dropbp0.5", "max_len_cap=16384", *model)
+        searched = "lora,paca,paca+dropbp-uniform:rate=0.5,paca+dropbp-uniform:quantize=4bit:rate=0.5"
+        bench = leanft("bench", "variants=lora,paca,paca:quantize=4bit", "rates=0.5", "batch_size=4",
+                       "max_seq_len=1024", "rounds=5", "max_len_cap=16384", f"max_len_methods={searched}", *model)
     bench.append(f"out={work / 'bench'}")
     compare = leanft("compare", "variants=lora,paca,paca+dropbp", f"max_steps={4 if args.quick else 80}",
                      f"output_dir={work / 'compare'}", *model, *([f"data={args.data}"] if args.data else []))

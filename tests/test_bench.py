@@ -15,6 +15,7 @@ from leanft.studies.bench_report import Method, build_methods, render_table, sum
 from leanft.studies.bench_worker import current_bytes, peak_bytes, reset_peak
 
 MIB = bench_report.MIB
+D = "+dropbp-uniform:rate=0.5"  # the uniform-DropBP rows' key suffix
 
 
 def steps(*seconds: float, dropped: float = 0.0) -> list[dict]:
@@ -23,14 +24,14 @@ def steps(*seconds: float, dropped: float = 0.0) -> list[dict]:
 
 def test_methods_keys_labels_and_order():
     methods = build_methods(["lora", "paca"], [0.5])
-    assert [m.key for m in methods] == ["lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"]
+    assert [m.key for m in methods] == ["lora", "paca", f"lora{D}", f"paca{D}", "lora+floor", "paca+floor"]
     assert methods[0].label == "peft LoRA (baseline)" and methods[3].label == "PaCA + DropBP 0.5"
     assert [m.uses_dropbp for m in methods] == [False, False, True, True, True, True]
     assert build_methods(["full"], []) == [Method("full")]
     assert bench_report.parse_method_keys("paca, lora", methods) == [Method("paca"), Method("lora")]
     assert bench_report.parse_method_keys("off", methods) == []
     with pytest.raises(ValueError, match="unknown method"):
-        bench_report.parse_method_keys("paca+dropbp0.3", methods)
+        bench_report.parse_method_keys("paca+dropbp-uniform:rate=0.3", methods)
 
 
 def test_ratios_are_medians_of_per_round_ratios():
@@ -56,8 +57,8 @@ def fake_measurements():
     timing = {
         "lora": steps(10.0, 20.0, 10.0),
         "paca": steps(6.0, 12.0, 7.0),
-        "lora+dropbp0.5": steps(6.0, 12.0, 6.0, dropped=0.5),
-        "paca+dropbp0.5": steps(4.0, 8.0, 4.0, dropped=0.5),
+        f"lora{D}": steps(6.0, 12.0, 6.0, dropped=0.5),
+        f"paca{D}": steps(4.0, 8.0, 4.0, dropped=0.5),
         "lora+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
         "paca+floor": steps(2.0, 4.0, 2.0, dropped=1.0),
     }
@@ -65,7 +66,7 @@ def fake_measurements():
         key: {"peak": peak * MIB, "train_peak": peak * MIB // 2, "saved": 10 * MIB, "dropped": 0.5}
         for key, peak in zip([m.key for m in methods], [1000, 800, 900, 700, 600, 500], strict=True)
     }
-    max_len = {"lora": {"max_len": 256}, "paca+dropbp0.5": {"max_len": 416}}
+    max_len = {"lora": {"max_len": 256}, f"paca{D}": {"max_len": 416}}
     return methods, timing, memory, max_len
 
 
@@ -73,12 +74,12 @@ def test_summary_rows_against_lora():
     rows = {row["key"]: row for row in summarize(*fake_measurements(), tokens_per_step=1000)}
     assert rows["lora"]["time_ratio"] == 1.0 and rows["lora"]["step_s"] == 10.0
     assert rows["paca"]["time_ratio"] == pytest.approx(0.6) and rows["paca"]["tokens_per_s"] == pytest.approx(1000 / 7)
-    assert rows["paca+dropbp0.5"]["time_ratio"] == pytest.approx(0.4)
-    assert rows["lora+dropbp0.5"]["vs_interp"] == pytest.approx(1.0)  # 6 s = halfway between 10 and 2
-    assert rows["paca+dropbp0.5"]["vs_interp"] == pytest.approx(4.0 / 4.0)
+    assert rows[f"paca{D}"]["time_ratio"] == pytest.approx(0.4)
+    assert rows[f"lora{D}"]["vs_interp"] == pytest.approx(1.0)  # 6 s = halfway between 10 and 2
+    assert rows[f"paca{D}"]["vs_interp"] == pytest.approx(4.0 / 4.0)
     assert rows["paca"]["vs_interp"] is None and rows["paca+floor"]["vs_interp"] is None
-    assert rows["paca+dropbp0.5"]["peak_ratio"] == pytest.approx(0.7)
-    assert rows["paca+dropbp0.5"]["len_ratio"] == pytest.approx(416 / 256)
+    assert rows[f"paca{D}"]["peak_ratio"] == pytest.approx(0.7)
+    assert rows[f"paca{D}"]["len_ratio"] == pytest.approx(416 / 256)
     assert rows["paca"]["max_len"] is None and rows["paca"]["len_ratio"] is None
 
 
@@ -143,22 +144,23 @@ def tiny_args(**overrides) -> BenchPlan:
 
 def test_peaks_are_measured_per_fresh_process_and_grow_with_the_batch():
     context = bench.worker_context()
-    large = bench.measure_memory(context, tiny_args(batch=16), Method("lora"), seq_len=128)
-    small = bench.measure_memory(context, tiny_args(batch=1), Method("lora"), seq_len=128)
+    big, one = tiny_args(batch_size=16, chunked_loss="false"), tiny_args(batch_size=1, chunked_loss="false")
+    large = bench.measure_memory(context, big, Method("lora"), seq_len=128)
+    small = bench.measure_memory(context, one, Method("lora"), seq_len=128)
     # logits alone are 16 x 128 x 4096 floats = 32 MiB; a shared process would report the same peak twice
     assert large["train_peak"] > small["train_peak"] + 16 * MIB
     assert large["peak"] > small["peak"] + 16 * MIB
     for result in (large, small):
         assert 0 < result["train_peak"] < result["peak"] < result["process_peak"]
         assert result["saved"] > 0 and result["setup"] > 0
-    dropped = bench.measure_memory(context, tiny_args(batch=16), Method("lora", floor=True), seq_len=128)
+    dropped = bench.measure_memory(context, big, Method("lora", floor=True), seq_len=128)
     assert dropped["saved"] == 0 and dropped["dropped"] == 1.0
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
     plan = parse_bench_options([
-        "quick=true", "device=cpu", "bases=lora,paca", "rates=0.5", "rounds=2", "max_len_methods=paca+dropbp0.5",
-        "len_step=64", f"out={tmp_path}", "dtype=bfloat16",
+        "quick=true", "device=cpu", "variants=lora,paca", "rates=0.5", "rounds=2", f"max_len_methods=paca{D}",
+        "len_step=64", f"out={tmp_path}", "bf16=true",
     ])
     lines = []
     assert bench.run_bench(plan, progress=lines.append) == 0
@@ -168,29 +170,29 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert any(line.startswith("[memory 7/7] PaCA floor") for line in lines)
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {row["key"]: row for row in report["rows"]}
-    assert set(rows) == {"lora@float32", "lora", "paca", "lora+dropbp0.5", "paca+dropbp0.5", "lora+floor", "paca+floor"}
+    assert set(rows) == {"lora:bf16=false", "lora", "paca", f"lora{D}", f"paca{D}", "lora+floor", "paca+floor"}
     assert all(len(report["timing"][key]) == 2 for key in rows)
     assert rows["lora"]["time_ratio"] == 1.0 and rows["paca+floor"]["dropped"] == 1.0
-    assert rows["lora@float32"]["time_vs_peer"] == 1.0 and rows["paca"]["time_vs_peer"] > 0
-    assert rows["lora@float32"]["peak"] > 0 and rows["paca"]["peak_vs_peer"] > 0
-    assert rows["paca+dropbp0.5"]["max_len"] > 0 and rows["lora"]["max_len"] is None
+    assert rows["lora:bf16=false"]["time_vs_peer"] == 1.0 and rows["paca"]["time_vs_peer"] > 0
+    assert rows["lora:bf16=false"]["peak"] > 0 and rows["paca"]["peak_vs_peer"] > 0
+    assert rows[f"paca{D}"]["max_len"] > 0 and rows["lora"]["max_len"] is None
     assert (tmp_path / "bench_time_memory.png").stat().st_size > 0 and (tmp_path / "bench_throughput.png").exists()
 
 
 def test_the_bench_dtype_follows_the_hardware_as_train_does_and_the_fp32_peer_joins_a_16_bit_bench():
     from leanft.core.precision import bf16_supported
 
-    plan = parse_bench_options(["quick=true", "device=cpu", "bases=lora,paca"])
+    plan = parse_bench_options(["quick=true", "device=cpu", "variants=lora,paca"])
     assert plan.dtype == ("bfloat16" if bf16_supported("cpu") else "float32")
-    assert [m.key for m in parse_bench_options(["device=cpu", "dtype=bfloat16"]).methods][:2] == [
-        "lora@float32", "lora"]
-    assert "lora@float32" not in [m.key for m in parse_bench_options(["device=cpu", "dtype=float32"]).methods]
-    assert "lora@float32" not in [m.key for m in parse_bench_options(["dtype=bfloat16", "peer=false"]).methods]
+    assert [m.key for m in parse_bench_options(["device=cpu", "bf16=true"]).methods][:2] == [
+        "lora:bf16=false", "lora"]
+    assert "lora:bf16=false" not in [m.key for m in parse_bench_options(["device=cpu", "bf16=false"]).methods]
+    assert "lora:bf16=false" not in [m.key for m in parse_bench_options(["bf16=true", "peer=false"]).methods]
 
 
 def test_compile_reaches_every_worker_case():
-    assert parse_bench_options(["quick=true", "compile=true"]).case.compile is True
-    assert parse_bench_options(["quick=true"]).case.compile is False
+    assert parse_bench_options(["quick=true", "compile=true"]).case.config.compile is True
+    assert parse_bench_options(["quick=true"]).case.config.compile is False
 
 
 def test_the_length_search_can_be_turned_off():
@@ -198,41 +200,25 @@ def test_the_length_search_can_be_turned_off():
     assert parse_bench_options(["quick=true"]).max_len_methods  # the default searches
 
 
-def test_the_bench_attaches_each_method_as_train_does():
-    """Same registry and settings: LoRA's alpha, targets and task type are train's, PaCA's columns are train's."""
-    from conftest import tiny_model
-
-    from leanft.run.config import TrainConfig
-    from leanft.run.methods import attach_method
-    from leanft.studies.bench_worker import BASES, apply_method
-
-    assert {"lora", "paca", "full", "qlora", "qpaca"} <= set(BASES)
-    config = TrainConfig(method="lora", r=4, seed=3)
-    bench_lora = apply_method(tiny_model(), "lora", r=4, seed=3).peft_config["default"]
-    train_lora = attach_method(tiny_model(), "lora", config.method_settings()).peft_config["default"]
-    assert bench_lora.to_dict() == train_lora.to_dict() and bench_lora.task_type == "CAUSAL_LM"
-    bench_paca = apply_method(tiny_model(), "paca", r=4, seed=3)
-    train_paca = attach_method(tiny_model(), "paca", TrainConfig(r=4, seed=3).method_settings())
-    for (name, module), (_, reference) in zip(bench_paca.named_modules(), train_paca.named_modules(), strict=True):
-        if hasattr(module, "paca_index"):
-            assert torch.equal(module.paca_index, reference.paca_index), name
-
-
 def test_other_optimizers_add_rows_and_their_state_memory_is_measured(tmp_path, capsys):
-    methods = build_methods(["full"], [0.5], optimizers=["apollo"])
-    assert [m.key for m in methods] == ["full", "full+dropbp0.5", "full+floor", "full+apollo", "full+apollo+dropbp0.5"]
-    assert methods[4].label == "full FT + APOLLO + DropBP 0.5" and methods[3].worker == ("full", None, "apollo")
-    with pytest.raises(LeanftError, match="optimizers: optimizer must be one of"):
-        parse_bench_options(["quick=true", "optimizers=sgd"])
+    methods = build_methods(["full", "full:optimizer=apollo"], [0.5])
+    assert [m.key for m in methods] == [
+        "full", "full:optimizer=apollo", f"full{D}", "full+dropbp-uniform:optimizer=apollo:rate=0.5",
+        "full+floor", "full+floor:optimizer=apollo"]
+    assert methods[3].label == "full FT + APOLLO + DropBP 0.5" and methods[3].worker == "full:optimizer=apollo"
+    with pytest.raises(LeanftError, match="optimizer must be one of"):
+        parse_bench_options(["quick=true", "variants=full:optimizer=sgd"])
     plan = parse_bench_options([
-        "quick=true", "device=cpu", "bases=full,s2ft", "rates=0.5", "rounds=1", "optimizers=apollo",
+        "quick=true", "device=cpu", "variants=full,s2ft,full:optimizer=apollo,s2ft:optimizer=apollo", "rates=0.5",
+        "rounds=1",
         "max_len_methods=off", f"out={tmp_path}", "plots=false",
     ])
     assert bench.run_bench(plan, progress=lambda line: None) == 0
     assert "optimizer state (MiB)" in capsys.readouterr().out
     rows = {row["key"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
-    assert {"s2ft", "full+apollo", "full+apollo+dropbp0.5", "s2ft+apollo"} <= set(rows)
+    apollo_dropbp = "full+dropbp-uniform:optimizer=apollo:rate=0.5"
+    assert {"s2ft", "full:optimizer=apollo", apollo_dropbp, "s2ft:optimizer=apollo"} <= set(rows)
     # AdamW keeps two fp32 moments of every weight; APOLLO keeps them only in a rank-128 projection
-    adamw, apollo = rows["full"]["optimizer_state"], rows["full+apollo"]["optimizer_state"]
+    adamw, apollo = rows["full"]["optimizer_state"], rows["full:optimizer=apollo"]["optimizer_state"]
     assert 0 < apollo < 0.9 * adamw
-    assert rows["full+apollo+dropbp0.5"]["step_s"] > 0 and rows["s2ft"]["optimizer_state"] < 0.1 * adamw
+    assert rows[apollo_dropbp]["step_s"] > 0 and rows["s2ft"]["optimizer_state"] < 0.1 * adamw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import peft
 import pytest
@@ -14,7 +15,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 import leanft
 from leanft.core.chunked_loss import chunked_causal_lm_loss, chunked_loss_problem, linear_cross_entropy
-from leanft.run.trainer import LeanftTrainer
+from leanft.run.trainer import LeanftTrainer, TrainerSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,12 +99,13 @@ def test_sum_over_num_items_in_batch_like_transformers():
     for items in (None, torch.tensor(37)):
         expected = ForCausalLMLoss(torch.nn.functional.linear(hidden, weight, bias), labels, 50, items)
         wanted = torch.autograd.grad(expected, (hidden, weight, bias))
-        loss = linear_cross_entropy(hidden, weight, labels, bias, num_items_in_batch=items, chunk_size=4)
+        head = SimpleNamespace(weight=weight, bias=bias)  # any module holding the head's weight and bias
+        loss = linear_cross_entropy(hidden, head, labels, num_items_in_batch=items, chunk_size=4)
         torch.testing.assert_close(loss, expected)
         for actual, want in zip(torch.autograd.grad(loss, (hidden, weight, bias)), wanted, strict=True):
             torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
     everything_masked = torch.full_like(labels, -100)
-    assert linear_cross_entropy(hidden, weight, everything_masked).isnan()  # as the mean of no tokens
+    assert linear_cross_entropy(hidden, SimpleNamespace(weight=weight), everything_masked).isnan()  # mean of none
 
 
 class LargestLogits(TorchDispatchMode):
@@ -205,7 +207,8 @@ def test_trainer_with_chunked_loss_and_grad_accumulation_matches_the_plain_loss(
             use_cpu=True,
         )
         trainer = LeanftTrainer(
-            model=model, args=args, train_dataset=features, data_collator=collate, chunked_loss=chunked
+            model=model, args=args, train_dataset=features, data_collator=collate,
+            settings=TrainerSettings(chunked_loss=chunked),
         )
         assert (trainer.chunked is not None) == chunked
         trainer.train()

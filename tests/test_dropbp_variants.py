@@ -10,7 +10,7 @@ from conftest import tiny_batch, tiny_model
 
 import leanft
 from leanft.core.allocate import greedy_rates, measure_sensitivities, tensor_norm_change
-from leanft.core.autorate import choose_rate
+from leanft.core.autorate import AutoRate, choose_rate
 from leanft.core.callback import drops_at
 from leanft.core.choices import CANDIDATE_RATES
 from leanft.core.dropbp import cyclic_blocks, cyclic_pattern
@@ -129,18 +129,18 @@ def _head_only_model() -> torch.nn.Module:
 def test_rate_auto_keeps_the_largest_rate_where_fidelity_is_perfect_and_lowers_it_where_it_is_not():
     batch = tiny_batch(batch=4, length=10)
     exact = leanft.apply_dropbp(_head_only_model(), drop_rate=0.5)
-    choice = choose_rate(exact, batch, threshold=0.99)
+    choice = choose_rate(exact, batch, AutoRate(threshold=0.99))
     assert choice["rate"] == 0.5 and choice["fidelity"] == pytest.approx(1.0) and len(choice["tried"]) == 1
 
     model = tiny_model("llama")
     leanft.apply_paca(model, r=4, seed=0)  # the trained columns sit inside the branches
     lossy = leanft.apply_dropbp(model, drop_rate=0.5)
-    every = choose_rate(lossy, batch, threshold=1.0)  # nothing passes: every candidate measured, DropBP off
+    every = choose_rate(lossy, batch, AutoRate(threshold=1.0))  # nothing passes: every candidate measured, DropBP off
     assert every["rate"] == 0.0 and lossy.rates == [0.0] * 4 and len(every["tried"]) == len(CANDIDATE_RATES)
     fidelity = {t["rate"]: t["fidelity"] for t in every["tried"]}
     assert all(value < 0.99 for value in fidelity.values()) and fidelity[0.1] > fidelity[0.5]
     threshold = fidelity[0.1]
-    chosen = choose_rate(lossy, batch, threshold=threshold)
+    chosen = choose_rate(lossy, batch, AutoRate(threshold=threshold))
     assert 0.0 < chosen["rate"] < 0.5 and chosen["fidelity"] >= threshold and lossy.drop_rate == chosen["rate"]
     assert all(t["fidelity"] < threshold for t in chosen["tried"][:-1])  # every larger rate fell short
 

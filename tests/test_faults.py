@@ -141,6 +141,44 @@ def test_a_merge_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data
     assert not [path for path in small_disk.iterdir() if path.name != "filler"]  # no half-written temporary
 
 
+def fill(disk) -> None:
+    """Leave no free byte on ``disk``."""
+    with open(disk / "filler", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("state_file", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_full_disk_while_a_checkpoint_saves_trainer_state_is_one_line(
+    model_dir, data_file, small_disk, monkeypatch, capsys, state_file
+):
+    """The disk fills up just as the Trainer writes the optimizer, scheduler or RNG state of the second
+    checkpoint (torch's own error on a full tmpfs): one line, exit 2, and the first checkpoint stays whole."""
+    from leanft.cli import main
+    from leanft.run.rundir import checkpoint_problem, checkpoints
+
+    real_save = torch.save
+
+    def save(obj, target, *args, **kwargs):
+        if isinstance(target, str | os.PathLike) and str(target).endswith(f"checkpoint-4{os.sep}{state_file}"):
+            fill(small_disk)
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = small_disk / "run"
+    args = command(model_dir, data_file, run_dir, 3, "bf16=false")[3:]  # the arguments after `-m leanft`
+    args[args.index("save_steps=1")] = "save_steps=2"
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("leanft: error:") and "is full" in error, error
+    kept = checkpoints(run_dir)
+    assert kept == [run_dir / "checkpoint-2"] and checkpoint_problem(kept[0]) is None
+
+
 def test_a_peft_lora_export_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data_file, small_disk,
                                                                             tmp_path):
     run_dir = tmp_path / "run"

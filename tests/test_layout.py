@@ -83,3 +83,23 @@ def test_modules_and_functions_stay_small(name):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert not long
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Parameters a caller can pass (``self`` / ``cls`` not counted; ``*args`` and ``**kwargs`` one each)."""
+    arguments = node.args
+    names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    return len(names) + (arguments.vararg is not None) + (arguments.kwarg is not None)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_function_takes_more_than_six_parameters(name):
+    tree = ast.parse(MODULES[name].read_text())
+    crowded = [
+        f"{node.name} ({parameter_count(node)} parameters)"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and parameter_count(node) > 6
+    ]
+    assert not crowded

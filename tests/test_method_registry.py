@@ -17,7 +17,7 @@ from leanft.core.errors import LeanftError
 from leanft.run.config import config_help, config_to_dict, flat_items, load_config
 from leanft.run.methods import METHODS, MethodSpec, lazy
 from leanft.run.options import doc
-from leanft.studies.compare import variant_overrides
+from leanft.studies.variants import variant_overrides
 
 
 @dataclasses.dataclass
@@ -71,8 +71,8 @@ def test_a_test_only_method_is_one_entry_with_its_keys(toy, model_dir, data_file
 def test_old_flat_keys_are_read_with_a_one_line_note(caplog):
     with caplog.at_level(logging.WARNING):
         config = load_config(None, ["lora_alpha=32", "paca_columns=activation", "s2ft_ffn=0.1", "s2ft_heads=0.5"])
-    assert config.keys_of("lora").alpha == 32 and config.keys_of("paca").columns == "activation"
-    assert (config.keys_of("s2ft").ffn, config.keys_of("s2ft").heads) == (0.1, 0.5)
+    assert config.option_group("lora").alpha == 32 and config.option_group("paca").columns == "activation"
+    assert (config.option_group("s2ft").ffn, config.option_group("s2ft").heads) == (0.1, 0.5)
     assert "lora_alpha is now lora.alpha" in caplog.text
 
 

@@ -158,7 +158,7 @@ def test_saves_less_for_backward_than_peft_lora_of_same_rank():
         ({"target_modules": ["nonexistent"]}, "matched no linear layer"),
         ({"target_modules": "([unclosed"}, "not a valid regex"),
         ({"target_modules": 7}, "target_modules must be"),
-        ({"init": "magic"}, "init must be"),
+        ({"columns": "magic"}, "columns must be"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, message):

@@ -43,7 +43,7 @@ def test_apply_paca_trains_the_highest_scoring_columns():
     model, batch = tiny_model("llama"), tiny_batch()
     names = target_names(model, "all-linear")
     scores = gradient_scores(model, names, batch)
-    leanft.apply_paca(model, r=3, scores=scores)
+    leanft.apply_paca(model, r=3, columns=scores)
     for name, layer in leanft.paca_modules(model).items():
         assert layer.paca_index.tolist() == sorted(scores[name].topk(3).indices.tolist())
 

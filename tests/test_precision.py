@@ -72,7 +72,7 @@ def test_bf16_false_keeps_the_fp32_path_and_auto_follows_the_hardware(model_dir,
 
     config = load_config(None, run_args(model_dir, data_file, tmp_path / "run", f"bf16={setting}")[1:])
     inputs = load_inputs(config, tmp_path / "run")
-    trainer, _, _ = build_trainer(inputs, config, [])
+    trainer = build_trainer(inputs, config, []).trainer
     on = setting == "auto" and bf16_supported("cpu")
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16 if on else torch.float32}

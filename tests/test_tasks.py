@@ -11,7 +11,7 @@ import leanft.run.evaluate
 from leanft import LeanftError
 from leanft.cli import main
 from leanft.run.config import load_config
-from leanft.run.evaluate import eval_options
+from leanft.run.evaluate import EvalSettings, eval_settings
 from leanft.run.tasks import TASKS, arith_task, dates_task, final_answer_match, verify_arith
 
 
@@ -71,12 +71,12 @@ def test_builtin_names_in_config():
     assert "\n" not in str(error.value)
     with pytest.raises(LeanftError, match="max_new_tokens must be >= 1"):
         load_config(overrides=["max_new_tokens=0"])
-    assert eval_options(load_config()) == {"max_new_tokens": 16, "correct": TASKS["dates"].correct}
-    assert eval_options(load_config(overrides=["data=builtin:dates"]))["max_new_tokens"] == 16
-    arith = eval_options(load_config(overrides=["data=builtin:arith"]))
-    assert arith == {"max_new_tokens": TASKS["arith"].max_new_tokens, "correct": final_answer_match}
-    assert eval_options(load_config(overrides=["data=builtin:arith", "max_new_tokens=7"]))["max_new_tokens"] == 7
-    assert eval_options(load_config(overrides=["data=train.jsonl"]))["max_new_tokens"] == 24
+    assert eval_settings(load_config()) == EvalSettings(16, TASKS["dates"].correct)
+    assert eval_settings(load_config(overrides=["data=builtin:dates"])).max_new_tokens == 16
+    arith = eval_settings(load_config(overrides=["data=builtin:arith"]))
+    assert arith == EvalSettings(TASKS["arith"].max_new_tokens, final_answer_match)
+    assert eval_settings(load_config(overrides=["data=builtin:arith", "max_new_tokens=7"])).max_new_tokens == 7
+    assert eval_settings(load_config(overrides=["data=train.jsonl"])).max_new_tokens == 24
 
 
 def test_builtin_arith_trains_and_evaluates_end_to_end(model_dir, tmp_path, monkeypatch, capsys):

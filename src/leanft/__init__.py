@@ -11,7 +11,9 @@ import importlib
 # line's help and option errors do not pay for torch, transformers and peft.
 _HOMES = {
     "allocate_rates": "leanft.core.allocate",
+    "AutoRate": "leanft.core.autorate",
     "DropBPCallback": "leanft.core.callback",
+    "DropSchedule": "leanft.core.callback",
     "chunked_causal_lm_loss": "leanft.core.chunked_loss",
     "linear_cross_entropy": "leanft.core.chunked_loss",
     "DropBP": "leanft.core.dropbp",
@@ -52,8 +54,10 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoRate",
     "DropBP",
     "DropBPCallback",
+    "DropSchedule",
     "LeanftError",
     "PacaLinear",
     "QPacaLinear",

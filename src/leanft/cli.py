@@ -30,15 +30,12 @@ def quiet_transformers() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``leanft train``: every key is checked before torch and transformers are imported."""
-    from leanft.run.config import load_config
+    from leanft.run.config import train_config
 
-    path, overrides = split_config_path(args.items)
-    load_config(path, overrides)
+    config = train_config(*split_config_path(args.items))
     quiet_transformers()
-    from leanft.run.rundir import resume_config
     from leanft.run.train import train
 
-    config = resume_config(path, overrides)
     summary = train(config)
     if summary:
         print(short_summary(summary))
@@ -101,10 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def heldout_report(model, tokenizer, config, records: list) -> dict:
     """``leanft eval``'s own report: held-out loss, perplexity and accuracy on ``records``."""
     from leanft.run.data import tokenize_dataset
-    from leanft.run.evaluate import eval_options, evaluate
+    from leanft.run.evaluate import eval_settings, evaluate
 
     features = tokenize_dataset(records, tokenizer, config.max_seq_len)
-    return {**evaluate(model, tokenizer, records, features, **eval_options(config)), "num_eval": len(records)}
+    return {**evaluate(model, tokenizer, records, features, eval_settings(config)), "num_eval": len(records)}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -181,10 +178,12 @@ class KeyListParser(argparse.ArgumentParser):
 
 
 def _add_keys_command(
-    commands, name: str, summary: str, description: str, keys: Callable[[], list[str]], func,
+    commands, name: str, texts: tuple[str, str], keys: Callable[[], list[str]], func,
     metavar: str = "CONFIG.yaml | key=value",
 ) -> None:
-    """A sub-command taking ``[CONFIG.yaml] [key=value ...]`` (or ``metavar``), ``keys()`` listed in ``--help``."""
+    """A sub-command taking ``[CONFIG.yaml] [key=value ...]`` (or ``metavar``), ``keys()`` listed in ``--help``;
+    ``texts``: its one-line summary and its description."""
+    summary, description = texts
     command = commands.add_parser(
         name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description, keys=keys,
     )
@@ -228,14 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = KeyListParser(prog="leanft", description="Faster, lighter LLM fine-tuning: DropBP + PaCA.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=KeyListParser)
     with_train = "[CONFIG.yaml] [key=value ...]  (every `leanft train` key, plus those below)"
-    _add_keys_command(commands, "train", "fine-tune a model (no arguments: the embedded default job)",
-                      "leanft train [CONFIG.yaml] [key=value ...]",
-                      lambda: ["config keys (YAML or key=value):", *train_keys()], cmd_train)
-
-    _add_keys_command(commands, "eval", "held-out loss / perplexity / accuracy of a run or model, or lm-eval tasks",
-                      "leanft eval [RUN_DIR] [key=value ...]  (evaluation keys of `leanft train`, plus those below)",
-                      lambda: ["lm-eval keys:", *options_help(_option_class("run.lm_eval_tasks:LmEvalOptions"))],
-                      cmd_eval, "RUN_DIR | key=value")
+    _add_keys_command(
+        commands, "train",
+        ("fine-tune a model (no arguments: the embedded default job)", "leanft train [CONFIG.yaml] [key=value ...]"),
+        lambda: ["config keys (YAML or key=value):", *train_keys()], cmd_train,
+    )
+    _add_keys_command(
+        commands, "eval",
+        ("held-out loss / perplexity / accuracy of a run or model, or lm-eval tasks",
+         "leanft eval [RUN_DIR] [key=value ...]  (evaluation keys of `leanft train`, plus those below)"),
+        lambda: ["lm-eval keys:", *options_help(_option_class("run.lm_eval_tasks:LmEvalOptions"))],
+        cmd_eval, "RUN_DIR | key=value",
+    )
 
     _add_export_command(commands, "export", "write a run for serving: a merged HF model or a peft LoRA adapter",
                         "leanft export RUN_DIR OUT [format=hf|peft-lora] [dtype=...] [overwrite=true]")
@@ -248,22 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
 
-    _add_keys_command(commands, "compare",
-                      "train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
-                      f"leanft compare {with_train}",
-                      lambda: ["compare keys:", *options_help(_option_class("studies.compare:CompareOptions")),
-                               "train keys (shared by every variant):", *train_keys()], cmd_compare)
-    _add_keys_command(commands, "fidelity",
-                      "check whether DropBP suits a model and batch: cosine of DropBP gradients with the full one",
-                      f"leanft fidelity {with_train}\n"
-                      "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=f.json",
-                      lambda: ["fidelity keys:", *options_help(_option_class("studies.fidelity_study:FidelityKeys")),
-                               _option_class("studies.fidelity_study:PLOT_HELP"),
-                               "train keys (model, method, data, batch_size, ...):", *train_keys()], cmd_fidelity)
-    _add_keys_command(commands, "bench", "speed / memory / max length side by side with peft LoRA",
-                      "leanft bench [key=value ...]  (e.g. leanft bench quick=true bases=lora,paca rates=0.5)",
-                      lambda: ["bench keys:", *options_help(_option_class("studies.bench_options:BenchOptions"))],
-                      cmd_bench, metavar="key=value")
+    _add_keys_command(
+        commands, "compare",
+        ("train several methods on the same job: held-out loss against time, time-to-quality vs LoRA",
+         f"leanft compare {with_train}"),
+        lambda: ["compare keys:", *options_help(_option_class("studies.compare:CompareOptions")),
+                 "train keys (shared by every variant):", *train_keys()],
+        cmd_compare,
+    )
+    _add_keys_command(
+        commands, "fidelity",
+        ("check whether DropBP suits a model and batch: cosine of DropBP gradients with the full one",
+         f"leanft fidelity {with_train}\n"
+         "example: leanft fidelity model=default rates=0.25,0.5 patterns=1,4,8 samples=6 output=f.json"),
+        lambda: ["fidelity keys:", *options_help(_option_class("studies.fidelity_study:FidelityKeys")),
+                 _option_class("studies.fidelity_study:PLOT_HELP"),
+                 "train keys (model, method, data, batch_size, ...):", *train_keys()],
+        cmd_fidelity,
+    )
+    _add_keys_command(
+        commands, "bench",
+        ("speed / memory / max length side by side with peft LoRA",
+         f"leanft bench {with_train}\nexample: leanft bench quick=true variants=lora,paca rates=0.5"),
+        lambda: ["bench keys:", *options_help(_option_class("studies.bench_options:BenchOptions")),
+                 "train keys (model, batch_size, max_seq_len, bf16, r, chunked_loss, ...):", *train_keys()],
+        cmd_bench,
+    )
     return parser
 
 

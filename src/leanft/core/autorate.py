@@ -10,6 +10,7 @@ the largest rate that stays at or above ``threshold``; when none does, DropBP st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from leanft.core.allocate import greedy_rates
 from leanft.core.choices import CANDIDATE_RATES, DEFAULT_THRESHOLD
@@ -20,33 +21,45 @@ from leanft.core.fidelity import full_gradient, gradient_fidelity
 FIDELITY_SAMPLES = 3
 
 
+@dataclass(frozen=True)
+class AutoRate:
+    """How ``rate=auto`` picks the rate: the fidelity ``threshold`` a rate must reach, the drop patterns averaged
+    per step, the ``candidates`` (tried from the largest down), the patterns sampled per candidate, and the batch
+    it measures on (None: the allocation's batch)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    patterns_per_step: int = 1
+    candidates: Sequence[float] = CANDIDATE_RATES
+    samples: int = FIDELITY_SAMPLES
+    batch: dict | None = None
+
+
 def choose_rate(
     ctrl: DropBP,
     batch: dict,
-    threshold: float = DEFAULT_THRESHOLD,
-    patterns_per_step: int = 1,
+    auto: AutoRate | None = None,
     sensitivities: Sequence[float] | None = None,
     allocation: str = "leanft",
-    candidates: Sequence[float] = CANDIDATE_RATES,
-    samples: int = FIDELITY_SAMPLES,
 ) -> dict:
-    """Set ``ctrl`` to the largest candidate rate whose fidelity on ``batch`` is >= ``threshold`` (else rate 0).
+    """Set ``ctrl`` to the largest candidate rate whose fidelity on ``batch`` is >= ``auto.threshold`` (else 0).
 
     Candidates are tried from the largest down. With ``sensitivities`` each candidate's per-branch rates are
     allocated from them (``greedy_rates`` under ``allocation``), else they are uniform. Returns ``{"rate",
     "fidelity", "threshold", "tried": [{"rate", "fidelity"}, ...]}``; ``fidelity`` is the chosen rate's (None
     when DropBP ends up off).
     """
+    auto = auto or AutoRate()
+    threshold = auto.threshold
     if not 0.0 < threshold <= 1.0:
         raise LeanftError(f"the fidelity threshold must be in (0, 1], got {threshold}")
     flops = [branch.flops for branch in ctrl.branches]
     full = full_gradient(ctrl, batch)  # the same reference for every candidate
     tried = []
-    for rate in sorted(candidates, reverse=True):
+    for rate in sorted(auto.candidates, reverse=True):
         rates = greedy_rates(sensitivities, flops, rate, allocation=allocation) if sensitivities else None
         ctrl.drop_rate = rate
         ctrl.set_rates(rates or [rate] * len(ctrl.branches))
-        fidelity = gradient_fidelity(ctrl, batch, samples, patterns_per_step, full)
+        fidelity = gradient_fidelity(ctrl, batch, auto.samples, auto.patterns_per_step, full)
         tried.append({"rate": rate, "fidelity": fidelity["mean_tensor_cosine"]})
         if tried[-1]["fidelity"] >= threshold:
             return {"rate": rate, "fidelity": tried[-1]["fidelity"], "threshold": threshold, "tried": tried}

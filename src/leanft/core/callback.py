@@ -9,21 +9,22 @@ Patterns are drawn by the controller at each training forward. The callback runs
 allocation once, after ``allocate_at`` of the optimizer steps (on ``allocation_batch``, or else the first batch
 of the training data loader), gives every data-parallel rank rank 0's rates, and stores the controller's state
 (seed, step, rates, FLOPs skipped so far) in ``trainer_state.json`` of every checkpoint, from which it is
-restored on resume. ``warmup`` / ``cooldown`` (shares of the optimizer steps) pause dropping at the start / end
-of training; the schedule is a function of the optimizer step, so a resumed run follows it exactly. With
-``auto_threshold`` the callback also picks the drop rate (``leanft.core.autorate.choose_rate``) at the allocation
-step (step 0 without allocation), on ``fidelity_batch``; nothing is dropped before that.
+restored on resume. A ``DropSchedule(warmup, cooldown)`` (shares of the optimizer steps) pauses dropping at the
+start / end of training; the schedule is a function of the optimizer step, so a resumed run follows it exactly.
+With ``auto=AutoRate(threshold, ...)`` the callback also picks the drop rate (``leanft.core.autorate``) at the
+allocation step (step 0 without allocation); nothing is dropped before that.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from leanft.core.allocate import allocate_rates
-from leanft.core.autorate import choose_rate
+from leanft.core.autorate import AutoRate, choose_rate
 from leanft.core.choices import check_schedule
 from leanft.core.distributed import broadcast_from_main, check_same_on_all_ranks, prepare_distributed_dropbp
 from leanft.core.dropbp import DropBP
@@ -44,6 +45,21 @@ def drops_at(step: int, max_steps: int, warmup: float = 0.0, cooldown: float = 0
     return round(warmup * max_steps) <= step < max_steps - round(cooldown * max_steps)
 
 
+@dataclass(frozen=True)
+class DropSchedule:
+    """When DropBP drops: not in the first ``warmup`` nor in the last ``cooldown`` share of the steps."""
+
+    warmup: float = 0.0
+    cooldown: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_schedule(self.warmup, self.cooldown)
+
+    def drops_at(self, step: int, max_steps: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) of ``max_steps`` drops."""
+        return drops_at(step, max_steps, self.warmup, self.cooldown)
+
+
 class DropBPCallback(TrainerCallback, ExportableState):
     """Runs DropBP's allocation and rate schedule inside ``Trainer``; saves / restores its state with checkpoints."""
 
@@ -52,22 +68,18 @@ class DropBPCallback(TrainerCallback, ExportableState):
         controller: DropBP | None = None,
         allocate_at: float | None = 0.1,
         allocation_batch: dict | None = None,
-        warmup: float = 0.0,
-        cooldown: float = 0.0,
+        schedule: DropSchedule | None = None,
         allocation: str = "leanft",
-        auto_threshold: float | None = None,
-        fidelity_batch: dict | None = None,
-        patterns_per_step: int = 1,
+        auto: AutoRate | None = None,
     ) -> None:
+        """``schedule``: no drops in its warm-up and cool-down shares of the steps; ``auto``: pick the rate
+        (``leanft.core.autorate``) at the allocation step, or at step 0 without allocation."""
         if allocate_at is not None and not 0.0 <= allocate_at <= 1.0:
             raise LeanftError(f"allocate_at must be a fraction of training in [0, 1] (or None), got {allocate_at!r}")
-        check_schedule(warmup, cooldown)
         self.controller = controller
         self.allocate_at = allocate_at
         self.allocation_batch = allocation_batch
-        self.warmup, self.cooldown, self.allocation = warmup, cooldown, allocation
-        self.auto_threshold, self.fidelity_batch = auto_threshold, fidelity_batch
-        self.patterns_per_step = patterns_per_step
+        self.schedule, self.allocation, self.auto = schedule or DropSchedule(), allocation, auto
         self.allocated = False
         self.auto_choice: dict | None = None
 
@@ -78,10 +90,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
 
     def _decision_step(self, state: TrainerState) -> int | None:
         """The step that allocates rates and / or picks the automatic rate (None: neither happens)."""
-        if self.controller is None or (self.controller.drop_rate == 0 and self.auto_threshold is None):
+        if self.controller is None or (self.controller.drop_rate == 0 and self.auto is None):
             return None
         if not self._allocates():
-            return 0 if self.auto_threshold is not None else None
+            return 0 if self.auto is not None else None
         return round(self.allocate_at * state.max_steps)
 
     def _allocates(self) -> bool:
@@ -108,8 +120,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
         at = self._decision_step(state)
         if not self.allocated and at is not None and state.global_step >= at:
             self._decide(state, kwargs.get("train_dataloader"))
-        waiting = self.auto_threshold is not None and not self.allocated
-        self.controller.paused = waiting or not drops_at(state.global_step, state.max_steps, self.warmup, self.cooldown)
+        waiting = self.auto is not None and not self.allocated
+        self.controller.paused = waiting or not self.schedule.drops_at(state.global_step, state.max_steps)
 
     def _decide(self, state: TrainerState, loader) -> None:
         """Run the allocation and / or the automatic rate choice; every rank gets rank 0's result."""
@@ -117,12 +129,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
         batch = self.allocation_batch if self.allocation_batch is not None else _first_batch(loader)
         if self._allocates():
             allocate_rates(ctrl, batch, allocation=self.allocation)
-        if self.auto_threshold is not None:
+        if self.auto is not None:
             sensitivities = ctrl.sensitivities if self._allocates() else None
-            fidelity_batch = self.fidelity_batch if self.fidelity_batch is not None else batch
-            choice = choose_rate(
-                ctrl, fidelity_batch, self.auto_threshold, self.patterns_per_step, sensitivities, self.allocation
-            )
+            fidelity_batch = self.auto.batch if self.auto.batch is not None else batch
+            choice = choose_rate(ctrl, fidelity_batch, self.auto, sensitivities, self.allocation)
             self.auto_choice = broadcast_from_main(choice)
             ctrl.drop_rate = self.auto_choice["rate"]
             logger.info("DropBP rate=auto at step %d: %s", state.global_step, self.auto_choice)

@@ -87,14 +87,14 @@ def default_chunk_size(vocab_size: int) -> int:
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: nn.Module,
     labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
     kernel: str = LEANFT_LOSS,
 ) -> torch.Tensor:
-    """Causal-LM loss of ``hidden`` (... x seq x hidden) through the head ``weight`` / ``bias``, chunk by chunk.
+    """Causal-LM loss of ``hidden`` (... x seq x hidden) through the LM ``head`` (its ``weight`` and ``bias``, as
+    an ``nn.Linear`` holds them), chunk by chunk.
 
     Same value and gradients as ``ForCausalLMLoss(F.linear(hidden, weight, bias), labels, ...)``: labels are shifted
     by one, ``-100`` is ignored, the loss is the mean over labelled tokens or the sum / ``num_items_in_batch``.
@@ -102,6 +102,7 @@ def linear_cross_entropy(
     """
     if hidden.shape[:-1] != labels.shape:
         raise LeanftError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
+    weight, bias = head.weight, getattr(head, "bias", None)
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     if chunk_size < 1:
         raise LeanftError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -183,7 +184,7 @@ def chunked_causal_lm_loss(
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     with hidden_states_as_logits(model) as head:
         hidden = model(**inputs).logits
-    return linear_cross_entropy(hidden, head.weight, batch["labels"], head.bias, num_items_in_batch, chunk_size, kernel)
+    return linear_cross_entropy(hidden, head, batch["labels"], num_items_in_batch, chunk_size, kernel)
 
 
 def chunked_loss_problem(model: nn.Module, distributed: bool = False) -> str | None:
@@ -245,10 +246,7 @@ class ChunkedLoss:
         """The loss from ``outputs.logits`` (hidden states while capturing, else logits) and ``labels``."""
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if self.active:
-            head = self.head
-            return linear_cross_entropy(
-                logits, head.weight, labels, head.bias, num_items_in_batch, self.chunk_size, self.kernel
-            )
+            return linear_cross_entropy(logits, self.head, labels, num_items_in_batch, self.chunk_size, self.kernel)
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)

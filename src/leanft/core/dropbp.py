@@ -51,15 +51,9 @@ class DropBP:
     """Controller of DropBP on one model: branches, per-branch rates, the current step's pattern."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        drop_rate: float = 0.5,
-        seed: int = 0,
-        blocks: str | None = None,
-        attn: str | None = None,
-        mlp: str | None = None,
-        sampler: str = "bernoulli",
+        self, model: nn.Module, drop_rate: float = 0.5, seed: int = 0, sampler: str = "bernoulli", **where: str | None
     ) -> None:
+        """``where`` may name ``blocks``, ``attn`` and ``mlp`` (see ``leanft.core.blocks.find_branches``)."""
         self.drop_rate = check_rate(drop_rate)
         if getattr(model, CONTROLLER_ATTRIBUTE, None) is not None:
             raise LeanftError("the model already has DropBP: call remove() on its controller first, or set_rates()")
@@ -68,7 +62,7 @@ class DropBP:
         self.sampler = sampler
         self.seed = int(seed)
         self.model = model
-        self.branches: list[Branch] = find_branches(model, blocks=blocks, attn=attn, mlp=mlp)
+        self.branches: list[Branch] = find_branches(model, **where)
         self.rates: list[float] = [self.drop_rate] * len(self.branches)
         self.dropped: list[bool] = [False] * len(self.branches)
         self.sensitivities: list[float] | None = None

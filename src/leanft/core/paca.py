@@ -80,13 +80,13 @@ def target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     return names
 
 
-def _choose_columns(weight: torch.Tensor, r: int, init: str, generator: torch.Generator) -> torch.Tensor:
-    if init == "random":
+def _choose_columns(weight: torch.Tensor, r: int, rule: str, generator: torch.Generator) -> torch.Tensor:
+    if rule == "random":
         chosen = torch.randperm(weight.shape[1], generator=generator)[:r]
-    elif init == "weight_norm":
+    elif rule == "weight_norm":
         chosen = weight.float().norm(dim=0).topk(r).indices.cpu()
     else:
-        raise LeanftError(f"init must be 'random' or 'weight_norm', got {init!r}")
+        raise LeanftError(f"columns must be 'random', 'weight_norm' or a dict of scores per layer, got {rule!r}")
     return chosen.sort().values
 
 
@@ -115,25 +115,25 @@ def apply_paca(
     r: int = 8,
     target_modules: str | Sequence[str] = "all-linear",
     seed: int = 0,
-    init: str = "random",
+    columns: str | dict[str, torch.Tensor] = "random",
     train_bias: bool = False,
-    scores: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``.
 
-    ``init`` picks each layer's columns at random (the paper) or by weight norm; ``scores`` (per layer name, one
-    value per input column, e.g. from ``leanft.core.paca_columns``) picks the ``r`` highest-scoring instead.
+    ``columns`` picks each layer's ``r`` columns: ``"random"`` (the paper), ``"weight_norm"`` (largest weight
+    norm), or a dict of scores per layer name, one value per input column (e.g. from
+    ``leanft.core.paca_columns``), whose ``r`` highest-scoring columns train.
     """
     names = check_paca_targets(model, r, target_modules)
     generator = torch.Generator().manual_seed(seed)
-    columns = {}
+    chosen = {}
     for name in names:
         module = model.get_submodule(name)
-        if scores is not None:
-            columns[name] = scores[name].topk(r).indices.sort().values
+        if isinstance(columns, dict):
+            chosen[name] = columns[name].topk(r).indices.sort().values
         else:
-            columns[name] = _choose_columns(_dispatch(module).weight(module), r, init, generator)
-    return train_columns(model, columns, train_bias)
+            chosen[name] = _choose_columns(_dispatch(module).weight(module), r, columns, generator)
+    return train_columns(model, chosen, train_bias)
 
 
 def train_columns(model: nn.Module, columns: dict[str, torch.Tensor], train_bias: bool = False) -> nn.Module:

@@ -8,7 +8,7 @@ inputs are large move the output most per unit of change, and the loss gradient 
 - ``gradient``: the norm of each column of the loss gradient of the full weight, ``||G[:, j]||`` with
   ``G = g^T x`` (one forward and backward pass; no weight gradient is kept, only these norms).
 
-``apply_paca(model, ..., scores=...)`` then trains each layer's ``r`` highest-scoring columns.
+``apply_paca(model, ..., columns=scores)`` then trains each layer's ``r`` highest-scoring columns.
 """
 
 from __future__ import annotations

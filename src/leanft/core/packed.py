@@ -83,10 +83,11 @@ def flatten_examples(
     return {**batch, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
-def sdpa_per_example(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+def sdpa_per_example(module, query, key, value, attention_mask, **kwargs):
     """``VARLEN_SDPA``: transformers' SDPA attention, run per example of a padding-free row when the row's example
-    boundaries are given (causal, no mask), else exactly as SDPA (padded batches, generation, sliding windows
-    shorter than an example, boundaries that do not span the row), which masks by position."""
+    boundaries are given (``cu_seq_lens_q``: causal, no mask), else exactly as SDPA (padded batches, generation,
+    sliding windows shorter than an example, boundaries that do not span the row), which masks by position."""
+    cu_seq_lens_q = kwargs.pop("cu_seq_lens_q", None)
     window = getattr(module, "sliding_window", None)
     longest = kwargs.get("max_length_q") or 0
     bounds = [] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()

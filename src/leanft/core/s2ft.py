@@ -57,15 +57,10 @@ def _draw(pool: list[Unit], ratio: float, generator: torch.Generator) -> list[Un
 
 
 def s2ft_columns(
-    model: nn.Module,
-    ffn: float = 0.05,
-    heads: float = 0.0,
-    seed: int = 0,
-    blocks: str | None = None,
-    attn: str | None = None,
-    mlp: str | None = None,
+    model: nn.Module, ffn: float = 0.05, heads: float = 0.0, seed: int = 0, **where: str | None
 ) -> dict[str, torch.Tensor]:
-    """The input columns S2FT trains, by layer name: ``ffn`` of all FFN channels and ``heads`` of all heads.
+    """The input columns S2FT trains, by layer name: ``ffn`` of all FFN channels and ``heads`` of all heads
+    (``where``: ``blocks``, ``attn``, ``mlp`` as ``leanft.core.blocks.find_branches`` takes them).
 
     Raises a LeanftError for a ratio outside [0, 1] or a selection of nothing; changes nothing in ``model``.
     """
@@ -78,7 +73,7 @@ def s2ft_columns(
         raise LeanftError("S2FT needs config.hidden_size to find each branch's output projection")
     head_count = _head_count(model) if heads > 0 else 1
     head_pool, channel_pool = [], []
-    for branch in find_branches(model, blocks, attn, mlp):
+    for branch in find_branches(model, **where):
         name, width = _output_projection(branch.modules, names, hidden)
         if branch.kind == "mlp":
             channel_pool += [(name, channel, 1) for channel in range(width)]

@@ -16,6 +16,7 @@ import yaml
 from leanft.core import choices
 from leanft.core.errors import LeanftError
 from leanft.run.dropbp_config import DropBPConfig
+from leanft.run.files import RUN_CONFIG_FILE
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
 from leanft.run.options import apply_items, assign, doc, options_help
@@ -170,10 +171,6 @@ class TrainConfig:
         """The current spelling of a key of an earlier release (``lora_alpha`` is ``lora.alpha``), else None."""
         return OLD_KEYS.get(key)
 
-    def keys_of(self, name: str) -> object | None:
-        """The own keys of method ``name`` in this config (their defaults where unset)."""
-        return self.option_group(name)
-
     def rank(self) -> int:
         """The configured r, or the method's default."""
         if self.r is not None:
@@ -211,7 +208,7 @@ class TrainConfig:
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
         return MethodSettings(r=self.rank(), target_modules=self.target_modules, seed=self.seed,
-                              keys=self.keys_of(self.method))
+                              keys=self.option_group(self.method))
 
     def validate_data(self) -> None:
         """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""
@@ -225,7 +222,7 @@ class TrainConfig:
     def validate_method_keys(self) -> None:
         """Raise a LeanftError for a bad value among the methods' own keys (each method's ``validate``)."""
         for name in METHODS:
-            keys = self.keys_of(name)
+            keys = self.option_group(name)
             if hasattr(keys, "validate"):
                 keys.validate(in_use=name == self.method)
 
@@ -328,6 +325,16 @@ def load_config(
     return apply_overrides(config, overrides).validate()
 
 
+def train_config(path: str | None, overrides: Sequence[str]) -> TrainConfig:
+    """The validated config of ``leanft train [path] [overrides]``: with ``resume=true``, the run's saved config
+    with the given keys on top (``rundir.check_resume`` checks which may change); otherwise the defaults with them."""
+    config = load_config(path, overrides)
+    saved_file = Path(config.output_dir or "") / RUN_CONFIG_FILE
+    if not config.resume or config.output_dir is None or not saved_file.is_file():
+        return config  # prepare_run_dir names what is missing
+    return load_config(path, overrides, start=load_config(saved_file))
+
+
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """Set ``key=value`` items (YAML values; nested keys with dots) on ``config`` in place; returns it, unvalidated."""
     return apply_items(config, overrides, "train")
@@ -344,7 +351,8 @@ def config_to_dict(config: TrainConfig) -> dict:
     """The config as plain nested data (for YAML / JSON): each method's keys as a group of its name."""
     data = dataclasses.asdict(config)
     data.pop("method_keys")
-    return {**data, **{name: dataclasses.asdict(config.keys_of(name)) for name in METHODS if config.keys_of(name)}}
+    groups = {name: config.option_group(name) for name in METHODS}
+    return {**data, **{name: dataclasses.asdict(keys) for name, keys in groups.items() if keys is not None}}
 
 
 def flat_items(config: TrainConfig) -> dict[str, object]:

@@ -139,6 +139,7 @@ def tokenize_and_count(
         "dropped": answered.count(False),
         "truncated": 0 if pack else sum(long and keep for long, keep in zip(longer, answered, strict=True)),
         "longer_than_a_block": sum(longer) if pack else 0,
+        "tokens": sum(len(f["input_ids"]) for f in kept),  # what training reads, padding aside
     }
     if not kept:
         raise LeanftError(f"no example keeps an answer token within max_seq_len={max_seq_len}: raise it")

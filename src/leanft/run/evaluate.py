@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,37 +72,44 @@ def accuracy(
     return match_rate(predictions, references, correct)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a run scores its held-out answers: generation length, the scorer, the progress bar's title."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    correct: Scorer = same_text
+    desc: str | None = None
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Record],
     features: Sequence[Feature],
-    max_new_tokens: int,
+    settings: EvalSettings,
     loss: float | None = None,
-    correct: Scorer = same_text,
-    desc: str | None = None,
 ) -> dict[str, float | None]:
     """``{"loss", "perplexity", "accuracy"}`` on held-out records and their tokenized features.
 
-    ``loss``: the held-out loss of this model on ``features`` where it was already measured; ``correct``: the
-    accuracy scorer (see ``accuracy``); ``desc``: the title of a progress bar over the answers generated.
+    ``settings``: generation length and scorer (see ``accuracy``; ``eval_settings`` gives a run's); ``loss``: the
+    held-out loss of this model on ``features`` where it was already measured.
     """
     if loss is None:
         loss = heldout_loss(model, features, tokenizer.pad_token_id)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": accuracy(model, tokenizer, records, max_new_tokens, correct, desc),
+        "accuracy": accuracy(model, tokenizer, records, settings.max_new_tokens, settings.correct, settings.desc),
     }
 
 
-def eval_options(config: TrainConfig) -> dict:
-    """``evaluate()`` keywords for a run: its data's scorer and generation length (``max_new_tokens`` when set)."""
+def eval_settings(config: TrainConfig, desc: str | None = None) -> EvalSettings:
+    """A run's ``EvalSettings``: its data's scorer and generation length (``max_new_tokens`` when set)."""
     task = builtin_task(config.data)
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = task.max_new_tokens if task else DEFAULT_MAX_NEW_TOKENS
-    return {"max_new_tokens": max_new_tokens, "correct": task.correct if task else same_text}
+    return EvalSettings(max_new_tokens, task.correct if task else same_text, desc)
 
 
 @torch.no_grad()

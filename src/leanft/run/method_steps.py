@@ -25,7 +25,8 @@ def attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     targets = parse_target_modules(settings.target_modules)
     names = check_paca_targets(model, settings.r, targets)
     scores = column_scores(model, names, settings.calibration, settings.own(PacaKeys).columns)
-    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed, scores=scores)
+    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed,
+                      columns="random" if scores is None else scores)
 
 
 def check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:

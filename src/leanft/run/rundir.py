@@ -197,16 +197,6 @@ class RunFolderLock:
         self.handle.close()
 
 
-def resume_config(path: str | None, overrides: Sequence[str]) -> TrainConfig:
-    """The config of ``leanft train [path] [overrides]``: with ``resume=true``, the run's saved config with the
-    given keys on top (checked by ``check_resume``); otherwise the defaults with them."""
-    config = load_config(path, overrides)
-    saved_file = Path(config.output_dir or "") / RUN_CONFIG_FILE
-    if not config.resume or config.output_dir is None or not saved_file.is_file():
-        return config  # prepare_run_dir names what is missing
-    return load_config(path, overrides, start=load_config(saved_file))
-
-
 def check_resume(run_dir: Path, config: TrainConfig) -> TrainConfig:
     """Refuse a resume whose settings differ from the run's saved ones in a key that is not safe to change;
     returns the saved config."""

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
-from leanft.core.callback import DropBPCallback
+from leanft.core.autorate import AutoRate
+from leanft.core.callback import DropBPCallback, DropSchedule
 from leanft.core.distributed import (
     init_distributed,
     is_main_process,
@@ -43,7 +43,7 @@ from leanft.run.callbacks import (
 )
 from leanft.run.config import TrainConfig
 from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
-from leanft.run.evaluate import eval_options, evaluate
+from leanft.run.evaluate import eval_settings, evaluate
 from leanft.run.files import ADAPTER_DIR, BASELINE_FILE, SUMMARY_FILE
 from leanft.run.methods import load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
@@ -57,22 +57,10 @@ from leanft.run.rundir import (
     start_run_dir,
 )
 from leanft.run.sources import load_records
-from leanft.run.trainer import LeanftTrainer, training_arguments
+from leanft.run.trainer import LeanftTrainer, TrainerSettings, training_arguments
+from leanft.run.training_run import Run, RunCallbacks, RunInputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunInputs:
-    """What a run trains and evaluates on, known good before the run folder is touched."""
-
-    run_dir: Path
-    model: object
-    tokenizer: object
-    features: list | TokenizedStream  # a stream with streaming=true
-    eval_records: list
-    eval_features: list
-    data_report: dict  # examples dropped or truncated by tokenization, per split
 
 
 def first_examples(features, count: int) -> list:
@@ -92,18 +80,12 @@ def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, col
     def first(count: int) -> dict:
         return on_device(collator(first_examples(features, count)), device)
 
-    auto = settings.rate == "auto"
-    return DropBPCallback(
-        controller,
-        settings.allocate_at,
-        first(settings.allocation_samples),
-        settings.warmup,
-        settings.cooldown,
-        settings.allocation,
-        auto_threshold=settings.auto_threshold if auto else None,
-        fidelity_batch=first(config.batch_size) if auto else None,
-        patterns_per_step=settings.patterns_per_step,
-    )
+    auto = None
+    if settings.rate == "auto":
+        auto = AutoRate(settings.auto_threshold, settings.patterns_per_step, batch=first(config.batch_size))
+    schedule = DropSchedule(settings.warmup, settings.cooldown)
+    return DropBPCallback(controller, settings.allocate_at, first(settings.allocation_samples), schedule,
+                          settings.allocation, auto)
 
 
 def claim_run_dir(config: TrainConfig, stack: contextlib.ExitStack) -> Path:
@@ -172,18 +154,17 @@ def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None
         return json.loads(path.read_text())
     records, features = inputs.eval_records, inputs.eval_features
     baseline = known if known is not None else evaluate(
-        inputs.model, inputs.tokenizer, records, features, desc="baseline evaluation", **eval_options(config)
+        inputs.model, inputs.tokenizer, records, features, eval_settings(config, "baseline evaluation")
     )
     write_json(path, baseline)
     return baseline
 
 
-def build_trainer(
-    inputs: RunInputs, config: TrainConfig, extra_callbacks: list
-) -> tuple[LeanftTrainer, DropBP | None, dict]:
-    """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
+def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list) -> Run:
+    """Set the model up (``prepare_model``: method, precision, compile, DropBP, checkpointing), then the Trainer with
+    leanft's callbacks: the ``Run`` that training fills in."""
     calibration = None
-    if config.method == "paca" and config.keys_of("paca").columns != "random":  # scored on the first batch
+    if config.method == "paca" and config.option_group("paca").columns != "random":  # scored on the first batch
         collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
         calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
                                 next(inputs.model.parameters()).device)
@@ -192,14 +173,14 @@ def build_trainer(
     collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
     if config.fsdp:
         shard_for_trainer(model)
-    named = {"log": RunLogCallback(inputs.run_dir), "interrupt": InterruptCallback()}
+    callbacks = RunCallbacks(RunLogCallback(inputs.run_dir), InterruptCallback())
     if config.eval_steps:
         pad = inputs.tokenizer.pad_token_id
-        named["curve"] = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
+        callbacks.curve = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
     if controller is not None:
         device = next(model.parameters()).device
         allocation_collator = dataclasses.replace(collator)  # its batches are not training's: counted apart
-        named["dropbp"] = dropbp_callback(config, controller, inputs.features, allocation_collator, device)
+        callbacks.dropbp = dropbp_callback(config, controller, inputs.features, allocation_collator, device)
         if world_size() > 1 and not config.fsdp:
             logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
     trainer = LeanftTrainer(
@@ -207,18 +188,12 @@ def build_trainer(
         args=training_arguments(config, inputs.run_dir, controller is not None, collator.packing is not None),
         train_dataset=inputs.features,
         data_collator=collator,
-        callbacks=[*named.values(), *extra_callbacks],
-        chunked_loss=config.chunked_loss and not config.fsdp,
-        loss_kernel=config.loss_kernel,
-        comm_hook=config.ddp_comm_hook,
-        optimizer_name=config.optimizer,
-        powersgd_rank=config.powersgd_rank,
-        method=config.method,
-        keep_checkpoints=config.save_total_limit,
-        extra_metrics=functools.partial(run_metrics, named["log"], controller),
+        callbacks=[*callbacks.all(), *extra_callbacks],
+        settings=TrainerSettings.from_config(config),
+        extra_metrics=functools.partial(run_metrics, callbacks.log, controller),
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
-    return trainer, controller, named
+    return Run(config, inputs, trainer, controller, callbacks)
 
 
 def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator:
@@ -262,36 +237,6 @@ def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):
     return trainer.model
 
 
-def summarise(
-    inputs: RunInputs, config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict], wall: float
-) -> dict:
-    """The run's ``summary.json``; ``results`` are the held-out metrics (before, after)."""
-    before, after = results
-    curve, dropbp = named.get("curve"), named.get("dropbp")
-    return {
-        "method": config.method,
-        "lr": config.learning_rate(),
-        "dropbp_rate": controller.drop_rate if controller is not None else 0.0,
-        "dropbp_auto": dropbp.auto_choice if dropbp is not None else None,
-        "dropbp_rates": controller.rates if controller is not None else None,
-        "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
-        "dropbp_skipped_share": controller.realised_drop_fraction() if controller is not None else 0.0,
-        "steps": trainer.state.global_step,
-        "wall_time_s": round(wall, 2),
-        "tokens_per_s": round(named["log"].tokens_per_second(trainer.state), 1),
-        "padding_share": round(trainer.data_collator.padding_share(), 4),
-        "precision": config.precision(),
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "heldout_loss_before": before["loss"],
-        "heldout_loss_after": after["loss"],
-        "num_eval": len(inputs.eval_records),
-        "heldout_curve": curve.points if curve is not None else [],
-        "data": inputs.data_report,
-        "run_dir": str(inputs.run_dir),
-    }
-
-
 def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | None = None) -> dict:
     """Fine-tune as ``config`` says; returns the summary also written to ``summary.json`` (empty on other ranks).
 
@@ -308,30 +253,31 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
 def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None) -> dict:
     """Baseline, training, final save and evaluation of a run whose inputs are loaded; returns the summary."""
     before = evaluate_baseline(inputs, config, baseline)
-    trainer, controller, named = build_trainer(inputs, config, callbacks)
+    run = build_trainer(inputs, config, callbacks)
+    run.before = before
     started = time.perf_counter()
     resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
     try:
-        with checkpoint_globals(config.optimizer), varlen_sdpa(trainer.model):
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with checkpoint_globals(config.optimizer), varlen_sdpa(run.trainer.model):
+            run.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
-        named["log"].close()
-    wall = time.perf_counter() - started
-    if named["interrupt"].interrupted:
-        step = trainer.state.global_step
+        run.callbacks.log.close()
+    run.wall_s = time.perf_counter() - started
+    if run.interrupted:
+        step = run.trainer.state.global_step
         raise KeyboardInterrupt(
             f"interrupted at step {step}; checkpoint saved: continue with "
             f"leanft train output_dir={inputs.run_dir} resume=true"
         )
-    model = save_final(trainer, config, inputs.run_dir)
+    model = save_final(run.trainer, config, inputs.run_dir)
     if model is None:
         return {}
-    curve = named.get("curve")
-    final_loss = curve.loss_at(trainer.state.global_step) if curve is not None else None  # measured already
-    after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features, loss=final_loss,
-                     desc="final evaluation", **eval_options(config))
-    summary = summarise(inputs, config, trainer, controller, named, (before, after), wall)
-    title = config.method + (f" + DropBP {controller.drop_rate:g}" if controller is not None else "")
+    curve = run.callbacks.curve
+    final_loss = curve.loss_at(run.trainer.state.global_step) if curve is not None else None  # measured already
+    run.after = evaluate(model, inputs.tokenizer, inputs.eval_records, inputs.eval_features,
+                         eval_settings(config, "final evaluation"), loss=final_loss)
+    summary = run.summary()
+    title = config.method + (f" + DropBP {run.controller.drop_rate:g}" if run.controller is not None else "")
     plot_loss_curve(inputs.run_dir, title=title)
     write_json(inputs.run_dir / SUMMARY_FILE, summary)
     return summary

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,34 +22,55 @@ from leanft.run.optimizers import apollo_optimizer
 from leanft.run.rundir import disk_is_full, mark_complete, resume_checkpoint, rotate_checkpoints
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What ``LeanftTrainer`` adds to ``Trainer``'s own arguments; ``from_config`` gives a run's."""
+
+    chunked_loss: bool = False
+    loss_kernel: str = "auto"
+    method: str | None = None  # the registered method whose own save a checkpoint uses (None: the Trainer's)
+    keep_checkpoints: int | None = None  # rotated by leanft, after the new checkpoint is complete
+    comm_hook: str | None = None
+    powersgd_rank: int = 4
+    optimizer: str = "adamw"  # adamw: the Trainer's own; apollo, apollo-mini: see run.optimizers
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> TrainerSettings:
+        """The settings of a run of ``config`` (FSDP computes the plain loss)."""
+        return cls(config.chunked_loss and not config.fsdp, config.loss_kernel, config.method,
+                   config.save_total_limit, config.ddp_comm_hook, config.powersgd_rank, config.optimizer)
+
+
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
     """``Trainer`` that checkpoints through the method's own save (PaCA: only its columns) and marks checkpoints
     complete.
 
-    ``chunked_loss=True`` computes the training loss with ``leanft.core.chunked_loss`` (same value and gradients, never
-    the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
-    gradient-accumulation and multi-process token counting apply unchanged. ``loss_kernel`` picks its
+    ``settings.chunked_loss`` computes the training loss with ``leanft.core.chunked_loss`` (same value and gradients,
+    never the full logits) where the model's head allows; it plugs in as ``compute_loss_func``, so ``Trainer``'s
+    gradient-accumulation and multi-process token counting apply unchanged. ``settings.loss_kernel`` picks its
     implementation: ``auto`` (a maintained fused kernel on CUDA where installed), ``leanft``, ``cut-cross-entropy``
-    or ``liger-kernel``. ``comm_hook`` (``fp16 | bf16 | powersgd``) compresses DDP's gradient all-reduce.
+    or ``liger-kernel``. ``settings.comm_hook`` (``fp16 | bf16 | powersgd``) compresses DDP's gradient
+    all-reduce. ``extra_metrics`` (``() -> {name: value}``) adds to every training log.
     """
 
     def __init__(
-        self, *args, chunked_loss: bool = False, loss_kernel: str = "auto", method: str | None = None,
-        keep_checkpoints: int | None = None, extra_metrics=None, comm_hook: str | None = None, powersgd_rank: int = 4,
-        optimizer_name: str = "adamw", **kwargs,
+        self, *args, settings: TrainerSettings | None = None, extra_metrics: Callable[[], dict] | None = None, **kwargs
     ) -> None:
+        settings = settings or TrainerSettings()
         model = kwargs.get("model", args[0] if args else None)
-        self.keep_checkpoints = keep_checkpoints  # rotated here, after the new checkpoint is complete
-        self.extra_metrics = extra_metrics  # () -> {name: value} added to every training log
-        self.optimizer_name = optimizer_name  # adamw: the Trainer's own; apollo, apollo-mini: see run.optimizers
-        spec = method_spec(method) if method is not None else None
+        self.keep_checkpoints = settings.keep_checkpoints
+        self.extra_metrics = extra_metrics
+        self.optimizer_name = settings.optimizer
+        spec = method_spec(settings.method) if settings.method is not None else None
         self.own_checkpoints = spec if spec is not None and spec.own_checkpoints else None
-        self.chunked = chunked_loss_for(model, world_size() > 1, kernel=loss_kernel) if chunked_loss else None
+        chunked = settings.chunked_loss
+        self.chunked = chunked_loss_for(model, world_size() > 1, kernel=settings.loss_kernel) if chunked else None
         if self.chunked is not None and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.chunked
         with accepted_as_adapter(model, has_adapter=bool(paca_modules(model))):  # a 4-bit base with QPaCA layers
             super().__init__(*args, **kwargs)
-        set_comm_hook(self.accelerator, comm_hook, powersgd_rank)  # registered when accelerate wraps the model
+        # registered when accelerate wraps the model
+        set_comm_hook(self.accelerator, settings.comm_hook, settings.powersgd_rank)
 
     def create_optimizer(self, model=None):
         """The Trainer's AdamW, or APOLLO / APOLLO-Mini (``optimizer_name``) over the trainable parameters."""

@@ -33,9 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from leanft.run.config import config_to_dict
 from leanft.studies.bench_options import BenchPlan
 from leanft.studies.bench_report import BASELINE, MIB, Method, render_table, summarize
-from leanft.studies.bench_worker import BASES, Case, case_dict, serve
+from leanft.studies.bench_worker import Case, serve
 
 Progress = Callable[[str], None]
 
@@ -50,7 +51,7 @@ class Worker:
     def __init__(self, context, case: Case, timeout: float) -> None:
         self.timeout = timeout
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(case_dict(case), child), daemon=True)
+        self.process = context.Process(target=serve, args=(case, child), daemon=True)
         self.process.start()
         child.close()
         self.ready = self._receive()
@@ -111,13 +112,11 @@ def worker_context():
 
 def measure_memory(context, plan: BenchPlan, method: Method, seq_len: int) -> dict:
     """Peak memory of one step of ``method`` at ``seq_len`` in a fresh worker (``oom`` set if it ran out)."""
-    case = replace(plan.case, base=method.base, seq_len=seq_len, dropbp=method.uses_dropbp, release_memory=True,
-                   dtype=method.dtype or plan.case.dtype, optimizer=method.optimizer)
+    case = replace(plan.case, config=plan.row_config(method), seq_len=seq_len, dropbp=method.uses_dropbp,
+                   release_memory=True)
     try:
         with Worker(context, case, plan.timeout) as worker:
-            reply = worker.call(
-                "memory", rate=method.rate, floor=method.floor, indices=plan.timed_indices, chunked=method.chunked
-            )
+            reply = worker.call("memory", rate=method.rate, floor=method.floor, indices=plan.timed_indices)
     except WorkerFailed as error:
         if "SIGKILL" not in str(error):
             raise
@@ -163,35 +162,37 @@ def run_timing(
     context, plan: BenchPlan, methods: Sequence[Method], progress: Progress
 ) -> dict[str, list[dict]]:
     """Phase 2: all base models loaded at once, stepped in rounds; returns the timed steps of each method."""
-    bases = [base for base in BASES if any(method.base == base for method in methods)]
-    order = sorted(methods, key=lambda m: (m.floor, m.rate, bases.index(m.base), m.dtype or "", m.optimizer))
+    workers_in_order = list(dict.fromkeys(method.worker for method in methods))
+    order = sorted(methods, key=lambda m: (m.floor, m.rate, workers_in_order.index(m.worker)))
     timing: dict[str, list[dict]] = {method.key: [] for method in methods}
-    workers: dict[tuple[str, str | None, str], Worker] = {}
+    workers: dict[str, Worker] = {}
     try:
-        for base, dtype, optimizer in dict.fromkeys(method.worker for method in order):  # one worker each
-            case = replace(plan.case, base=base, dtype=dtype or plan.case.dtype, dropbp=True, optimizer=optimizer)
-            workers[(base, dtype, optimizer)] = Worker(context, case, plan.timeout)
+        for method in order:  # one worker per variant, holding its model for every DropBP rate
+            if method.worker not in workers:
+                case = replace(plan.case, config=plan.row_config(method), dropbp=True)
+                workers[method.worker] = Worker(context, case, plan.timeout)
         started = time.perf_counter()
         warm = [method for method in order if not method.uses_dropbp]  # first steps allocate and fault pages in
-        for index in range(plan.warmup):
+        for index in range(plan.untimed_steps):
             for method in warm:
-                workers[method.worker].call("step", index=index, chunked=method.chunked)
+                workers[method.worker].call("step", index=index)
         if plan.compile:  # compiled branches compile more graphs where branches are dropped (no grad, gradless input)
-            for index in range(plan.warmup):
+            for index in range(plan.untimed_steps):
                 for method in (m for m in order if m.uses_dropbp):
                     workers[method.worker].call(
-                        "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
+                        "step", rate=method.rate, floor=method.floor, index=index
                     )
-        progress(f"[timing warm-up] {plan.warmup * len(warm)} steps in {time.perf_counter() - started:.1f} s")
+        progress(f"[timing warm-up] {plan.untimed_steps * len(warm)} steps in {time.perf_counter() - started:.1f} s")
         for index in plan.timed_indices:
             started = time.perf_counter()
             for method in order:
                 step = workers[method.worker].call(
-                    "step", rate=method.rate, floor=method.floor, index=index, chunked=method.chunked
+                    "step", rate=method.rate, floor=method.floor, index=index
                 )
                 timing[method.key].append(step)
             elapsed = time.perf_counter() - started
-            progress(f"[timing round {index - plan.warmup + 1}/{plan.rounds}] {len(order)} steps in {elapsed:.1f} s")
+            round_number = index - plan.untimed_steps + 1
+            progress(f"[timing round {round_number}/{plan.rounds}] {len(order)} steps in {elapsed:.1f} s")
     finally:
         for worker in workers.values():
             worker.close()
@@ -309,7 +310,8 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> int:
     elapsed = time.perf_counter() - started
     threads = next((m["threads"] for m in memory.values() if "threads" in m), None)
     header = (f"leanft bench — {plan.model}, {plan.device} {plan.dtype}, batch {plan.batch} x seq {plan.seq_len}, "
-              f"r {plan.r}; median of {plan.rounds} rounds after {plan.warmup} warm-up step(s); "
+              f"r {plan.r}, {'chunked' if plan.config.chunked_loss else 'plain'} loss; median of {plan.rounds} rounds "
+              f"after {plan.untimed_steps} untimed step(s); "
               f"memory budget {plan.budget / MIB:,.0f} MiB; {elapsed:.0f} s")
     notes = ("Ratios are medians of per-round ratios to peft LoRA. 'dropped' is the realised share of branch FLOPs "
              "skipped; 'vs interp.' compares each DropBP step with the straight line from no-drop to floor at that "
@@ -320,7 +322,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> int:
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(text + "\n")
-    config = {**dataclasses.asdict(plan.options), "budget": plan.budget}
+    config = {**dataclasses.asdict(plan.options), "budget": plan.budget, "train": config_to_dict(plan.config)}
     report = {"config": config, "environment": environment(plan, threads), "elapsed_s": elapsed, "rows": rows,
               "timing": timing, "memory": memory, "max_len": max_len}
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -1,7 +1,10 @@
-"""``leanft bench``'s options, declared like the train config, and the plan they resolve to before any work starts.
+"""``leanft bench [CONFIG.yaml] [train keys] [bench keys]``: its own keys, declared like the train config, and the
+plan they resolve to before any work starts.
 
-Every option is checked here (bases, rates, method keys, the memory budget, numbers, device, dtype), so a bad one
-ends with one line before the first worker starts.
+The model, batch, length, precision, r, seed, loss, compile and DropBP sampler are train's keys (``batch_size``,
+``max_seq_len``, ``bf16``, ...), read and validated by train's own parser, so a bench row is set up as ``leanft
+train`` sets up that config. Every option is checked here, so a bad one ends with one line before the first
+worker starts.
 """
 
 from __future__ import annotations
@@ -12,49 +15,60 @@ from collections.abc import Sequence
 
 from leanft.core.errors import LeanftError
 from leanft.core.precision import bf16_supported
-from leanft.run.optimizers import optimizer_problem
-from leanft.run.options import apply_items, doc
-from leanft.studies.bench_report import PEER_DTYPE, Method, build_methods, parse_method_keys
-from leanft.studies.bench_worker import BASES, TINY_MODEL, Case
+from leanft.run.config import TrainConfig, load_config
+from leanft.run.options import apply_items, doc, split_config_path, split_items
+from leanft.studies.bench_report import Method, build_methods, parse_method_keys
+from leanft.studies.bench_worker import TINY_MODEL, Case
+from leanft.studies.variants import (
+    EXAMPLES,
+    parse_variants,
+    study_variants,
+    variant_base,
+    variant_items,
+    variant_name,
+    variant_overrides,
+    variant_train_config,
+)
 
-DEFAULT_MAX_LEN = "lora,full,paca,lora+dropbp0.5,paca+dropbp0.5"
-QUICK_MAX_LEN = "lora,paca,paca+dropbp0.5"
-DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_LEN = "lora,full,paca,lora+dropbp-uniform:rate=0.5,paca+dropbp-uniform:rate=0.5"
+QUICK_MAX_LEN = "lora,paca,paca+dropbp-uniform:rate=0.5"
+RENAMED = {  # bench's earlier spellings of train's keys and of its own, and what to pass instead
+    "batch": "batch_size= (train's key)", "seq_len": "max_seq_len= (train's key)",
+    "dtype": "bf16=true|false|auto (train's key)", "chunked": "chunked_loss= (train's key; every row runs it)",
+    "warmup": "untimed_steps=", "bases": "variants= (leanft compare's grammar, e.g. lora,paca,paca:quantize=4bit)",
+    "optimizers": "a variant's key: variants=full,full:optimizer=apollo",
+}
+QUICK_TRAIN_KEYS = {"model": TINY_MODEL, "batch_size": 2, "max_seq_len": 128}  # quick's defaults of train keys
 
 
 @dataclasses.dataclass
 class BenchOptions:
     """The keys of ``leanft bench`` (defaults that depend on the device or ``quick`` are null here)."""
 
-    quick: bool = doc("a tiny random Llama: a smoke test that takes under a minute", False)
-    model: str | None = doc("model spec; null = the embedded SmolLM2-135M-Instruct (quick: a tiny random Llama)", None)
-    batch: int | None = doc("batch size; null = 4 on a CPU, 8 on a GPU (quick: 2)", None)
-    seq_len: int | None = doc("sequence length; null = 256 on a CPU, 1024 on a GPU (quick: 128)", None)
-    r: int = doc("LoRA rank = PaCA columns per layer", 8)
-    bases: str = doc(f"comma-separated base methods, any of {','.join(BASES)}", "lora,full,paca")
-    chunked: bool = doc("also run every method with the chunked loss", False)
-    optimizers: str = doc(
-        "comma-separated optimizers besides AdamW (apollo, apollo-mini): each adds every base, alone and at every "
-        "DropBP rate, with that optimizer (e.g. bases=full optimizers=apollo)",
-        "",
+    quick: bool = doc(
+        "a tiny random Llama, batch 2 x 128 tokens unless model / batch_size / max_seq_len are given: a smoke test "
+        "that takes under a minute",
+        False,
     )
-    compile: bool = doc("torch.compile each attention and MLP branch, as train's compile=true", False)
-    rates: str = doc("comma-separated DropBP rates, each in (0, 1); empty for none", "0.25,0.5,0.75")
+    variants: str = doc(
+        "comma-separated variants in leanft compare's grammar, METHOD[+dropbp-uniform][:KEY=VALUE...], from "
+        + ", ".join(name for name in study_variants() if not name.endswith("+dropbp")) + ", e.g. " + EXAMPLES
+        + " (every row is set up as leanft train sets up that config; DropBP rows at uniform rates)",
+        "lora,full,paca",
+    )
+    rates: str = doc("comma-separated DropBP rates, each in (0, 1), at which every variant without DropBP also runs "
+                     "(and its floor, every branch dropped); empty for none", "0.25,0.5,0.75")
     rounds: int = doc("timed rounds, one step of each method per round; 0 = no timing", 3)
-    warmup: int = doc("untimed steps of each model first (the 2nd pays PaCA's one-off copy of mapped weights)", 2)
+    untimed_steps: int = doc("steps of each model before the timed rounds (the 2nd pays PaCA's one-off copy)", 2)
     mem_budget: str = doc("memory budget of the length search, e.g. 2GB; auto = LoRA's peak at seq_len", "auto")
-    max_len_methods: str | None = doc(f"method keys for the length search, all, or off; null = {DEFAULT_MAX_LEN}", None)
+    max_len_methods: str | None = doc(
+        f"row names for the length search, all, or off; null = those of {DEFAULT_MAX_LEN} (quick: {QUICK_MAX_LEN}) "
+        "that run", None)
     len_step: int | None = doc("granularity of the length search; null = seq_len / 8", None)
     max_len_cap: int | None = doc("longest length probed; null = 8 x seq_len", None)
     device: str | None = doc("cpu or cuda; null = cuda where available", None)
-    dtype: str | None = doc(
-        f"one of {', '.join(DTYPES)}; null = bfloat16 where the device computes it natively (as train's bf16=auto), "
-        "else float32",
-        None,
-    )
-    peer: bool = doc("if dtype is not float32, also time peft LoRA in float32, as transformers' defaults run it", True)
+    peer: bool = doc("with bf16 compute, also time peft LoRA in float32, as transformers' defaults run it", True)
     threads: int | None = doc("torch CPU threads per worker; null = all cores (quick: 1)", None)
-    seed: int = doc("seed of the batch, the method set-up and the drop patterns", 0)
     timeout: float = doc("seconds to wait for one worker reply", 900.0)
     out: str = doc("folder for bench.json, bench.md and the charts", "bench-results")
     plots: bool = doc("draw the PNG charts", True)
@@ -74,6 +88,46 @@ class BenchPlan:
     def __getattr__(self, name: str):
         return getattr(self.options, name)
 
+    @property
+    def config(self) -> TrainConfig:
+        """The train config every row is set up from."""
+        return self.case.config
+
+    @property
+    def model(self) -> str:
+        """The model spec of every row."""
+        return self.case.config.model or "default"
+
+    @property
+    def batch(self) -> int:
+        """Examples per step (train's batch_size)."""
+        return self.case.batch
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per example (train's max_seq_len)."""
+        return self.case.seq_len
+
+    @property
+    def dtype(self) -> str:
+        """The compute precision of every row but the float32 peer: float32 or bfloat16 (train's bf16)."""
+        return "bfloat16" if self.config.bf16 == "true" else "float32"
+
+    def row_config(self, method: Method) -> TrainConfig:
+        """The train config of ``method``'s worker: the bench's config as its variant sets it (DropBP off: the
+        worker's controller takes each step's rate)."""
+        return variant_train_config(self.config, method.worker)
+
+    @property
+    def compile(self) -> bool:
+        """Whether the branches are compiled (train's compile)."""
+        return self.config.compile
+
+    @property
+    def r(self) -> str:
+        """r as the rows use it: the config's, or each method's default."""
+        return str(self.config.r) if self.config.r is not None else "per method"
+
 
 def parse_bytes(text: str) -> int:
     """``"2GB"``, ``"1500MiB"``, ``"3e9"`` -> bytes (K/M/G units are powers of 1024)."""
@@ -84,13 +138,24 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _parse_optimizers(text: str | None) -> list[str]:
-    names = [name.strip() for name in str(text or "").split(",") if name.strip()]
-    for name in names:
-        problem = "adamw runs in every row: name only others" if name == "adamw" else optimizer_problem(name)
-        if problem:
-            raise LeanftError(f"optimizers: {problem}")
-    return names
+def _bench_variants(text: str, config: TrainConfig) -> tuple[list[str], list[Method]]:
+    """(the variants without DropBP, the uniform-DropBP rows asked for by name), each checked against ``config``."""
+    plain, dropping = [], []
+    for name in parse_variants(text):
+        base = variant_base(name)
+        if base.endswith("+dropbp"):
+            raise LeanftError(f"variant {name!r}: bench times uniform rates, not allocated ones: use {base}-uniform")
+        row = variant_train_config(config, name)  # a bad key is refused here, before any worker starts
+        spelled = dict(zip(variant_items(name), variant_overrides(name), strict=True))
+        dropbp = [key for key in spelled.values() if key.startswith("dropbp.")]
+        if any(not key.startswith("dropbp.rate=") for key in dropbp) or not isinstance(row.dropbp.rate, float):
+            raise LeanftError(f"variant {name!r}: bench's DropBP rows take only a rate= in (0, 1)")
+        method = variant_name(row.method, [item for item, key in spelled.items() if not key.startswith("dropbp.")])
+        if base.endswith("+dropbp-uniform"):
+            dropping.append(Method(method, row.dropbp.rate))
+        else:
+            plain.append(method)
+    return plain, dropping
 
 
 def _parse_rates(text: str) -> list[float]:
@@ -104,59 +169,69 @@ def _parse_rates(text: str) -> list[float]:
 
 
 def _check_numbers(options: BenchOptions) -> None:
-    positive = ("batch", "seq_len", "r", "len_step", "max_len_cap", "threads")
+    positive = ("len_step", "max_len_cap", "threads")
     for name in positive:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise LeanftError(f"{name} must be >= 1, got {value}")
-    for name in ("rounds", "warmup"):
+    for name in ("rounds", "untimed_steps"):
         if getattr(options, name) < 0:
             raise LeanftError(f"{name} must be >= 0, got {getattr(options, name)}")
     if options.timeout <= 0:
         raise LeanftError(f"timeout must be > 0 seconds, got {options.timeout}")
     if options.device is not None and options.device != "cpu" and not options.device.startswith("cuda"):
         raise LeanftError(f"device must be cpu or cuda[:N], got {options.device!r}")
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise LeanftError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
 
 
-def resolve(options: BenchOptions) -> BenchPlan:
+def _train_config(path: str | None, items: Sequence[str], quick: bool) -> TrainConfig:
+    """The validated train config of the bench: with ``quick``, its small defaults where a key is not given."""
+    given = {item.partition("=")[0].strip() for item in items}
+    defaults = [f"{key}={value}" for key, value in QUICK_TRAIN_KEYS.items() if quick and key not in given]
+    return load_config(path, [*defaults, *items])
+
+
+def resolve(options: BenchOptions, config: TrainConfig) -> BenchPlan:
     """Check every option and fill the defaults that depend on the device and ``quick``."""
     import torch
 
     _check_numbers(options)
-    bases = [base.strip() for base in options.bases.split(",") if base.strip()]
-    if not bases or any(base not in BASES for base in bases):
-        raise LeanftError(f"bases must name some of {', '.join(BASES)}, got {options.bases!r}")
     budget = None if options.mem_budget == "auto" else parse_bytes(options.mem_budget)
     gpu = torch.cuda.is_available() if options.device is None else options.device.startswith("cuda")
+    device = options.device or ("cuda" if gpu else "cpu")
+    native = bf16_supported("cuda" if gpu else "cpu")
+    bf16 = config.bf16 == "true" or (config.bf16 == "auto" and native)
+    config = dataclasses.replace(config, bf16="true" if bf16 else "false")  # resolved for the bench's device
     quick = options.quick
     filled = dataclasses.replace(
         options,
-        model=options.model or (TINY_MODEL if quick else "default"),
-        device=options.device or ("cuda" if gpu else "cpu"),
-        dtype=options.dtype or ("bfloat16" if bf16_supported("cuda" if gpu else "cpu") else "float32"),
-        batch=options.batch or (2 if quick else 8 if gpu else 4),
-        seq_len=options.seq_len or (128 if quick else 1024 if gpu else 256),
+        device=device,
         threads=options.threads or (1 if quick else None),  # a tiny model's small ops gain nothing from more
-        max_len_methods=options.max_len_methods if options.max_len_methods is not None else (
-            QUICK_MAX_LEN if quick else DEFAULT_MAX_LEN),
     )
-    filled.len_step = filled.len_step or max(8, filled.seq_len // 8)
-    filled.max_len_cap = filled.max_len_cap or 8 * filled.seq_len
-    peer = options.peer and filled.dtype != PEER_DTYPE
-    methods = build_methods(bases, _parse_rates(options.rates), chunked=options.chunked, peer=peer,
-                            optimizers=_parse_optimizers(options.optimizers))
+    filled.len_step = filled.len_step or max(8, config.max_seq_len // 8)
+    filled.max_len_cap = filled.max_len_cap or 8 * config.max_seq_len
+    plain, dropping = _bench_variants(options.variants, config)
+    methods = build_methods(plain, _parse_rates(options.rates), peer=options.peer and bf16)
+    methods = list({method.key: method for method in [*methods, *dropping]}.values())
+    if filled.max_len_methods is None:  # those of the default list that this bench runs
+        default = (QUICK_MAX_LEN if quick else DEFAULT_MAX_LEN).split(",")
+        filled.max_len_methods = ",".join(m.key for m in methods if m.key in default) or "off"
     try:
         searched = parse_method_keys(filled.max_len_methods, methods)
     except ValueError as error:
         raise LeanftError(f"max_len_methods: {error}") from None
-    case = Case(model=filled.model, r=filled.r, batch=filled.batch, seq_len=filled.seq_len, seed=filled.seed,
-                device=filled.device, dtype=filled.dtype, threads=filled.threads or 0, compile=filled.compile)
-    timed = list(range(filled.warmup, filled.warmup + filled.rounds))
+    case = Case(config=config, batch=config.batch_size, seq_len=config.max_seq_len, device=device,
+                threads=filled.threads or 0)
+    timed = list(range(filled.untimed_steps, filled.untimed_steps + filled.rounds))
     return BenchPlan(filled, methods, searched, case, timed, budget)
 
 
 def parse_bench_options(items: Sequence[str]) -> BenchPlan:
-    """The plan of ``leanft bench key=value ...``; a LeanftError names the first bad option."""
-    return resolve(apply_items(BenchOptions(), list(items), "bench"))
+    """The plan of ``leanft bench [CONFIG.yaml] key=value ...``; a LeanftError names the first bad option."""
+    path, items = split_config_path(items)
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key in RENAMED:
+            raise LeanftError(f"bench's {key}= is now {RENAMED[key]}: pass that instead")
+    own, train = split_items(BenchOptions, items)
+    options = apply_items(BenchOptions(), own, "bench")
+    return resolve(options, _train_config(path, train, options.quick))

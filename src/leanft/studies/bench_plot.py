@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leanft.studies.bench_report import BASELINE, MIB, SHORT_LABELS, interpolated_time
+from leanft.studies.bench_report import BASELINE, MIB, SHORT_LABELS, Method, interpolated_time
 
 COLORS = {"lora": "#7f7f7f", "full": "#d62728", "paca": "#1f77b4"}
 
@@ -45,23 +45,25 @@ def plot_time_memory(rows: Sequence[dict], path: Path, title: str) -> Path:
 
 
 def plot_throughput(rows: Sequence[dict], path: Path, title: str) -> Path:
-    """Tokens/s against the realised drop fraction per base method, with the DropBP cost model dashed."""
+    """Tokens/s against the realised drop fraction per variant, with the DropBP cost model dashed."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    tokens = {row["base"]: row["tokens_per_s"] * row["step_s"] for row in rows if row["tokens_per_s"]}
-    for base, per_step in tokens.items():
+    tokens = {row["worker"]: row["tokens_per_s"] * row["step_s"] for row in rows if row["tokens_per_s"]}
+    for worker, per_step in tokens.items():
         points = sorted(
             (1.0 if row["floor"] else (row["dropped"] or 0.0), row["step_s"])
             for row in rows
-            if row["base"] == base and row["step_s"]
+            if row["worker"] == worker and row["step_s"]
         )
         if not points:
             continue
+        base = Method(worker).base
         color = COLORS.get(base, "#333333")
-        axis.plot([p[0] for p in points], [per_step / p[1] for p in points], "o-", color=color,
-                  label=SHORT_LABELS.get(base, base))
-        nodrop = next((row["step_s"] for row in rows if row["key"] == base and row["step_s"]), None)
-        floor = next((row["step_s"] for row in rows if row["key"] == f"{base}+floor" and row["step_s"]), None)
+        label = SHORT_LABELS.get(base, base) + ("" if worker == base else f" ({worker.split(':', 1)[1]})")
+        axis.plot([p[0] for p in points], [per_step / p[1] for p in points], "o-", color=color, label=label)
+        floor_key = Method(worker, floor=True).key
+        nodrop = next((row["step_s"] for row in rows if row["key"] == worker and row["step_s"]), None)
+        floor = next((row["step_s"] for row in rows if row["key"] == floor_key and row["step_s"]), None)
         if nodrop and floor:
             grid = [i / 20 for i in range(21)]
             axis.plot(grid, [per_step / interpolated_time(nodrop, floor, f) for f in grid], "--", color=color,

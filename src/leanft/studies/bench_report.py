@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from leanft.run.methods import METHODS
 from leanft.studies.tables import Column, fmt, markdown_table
+from leanft.studies.variants import variant_base, variant_items, variant_name
 
 
 def _labels() -> tuple[dict[str, str], dict[str, str]]:
@@ -26,55 +27,55 @@ def _labels() -> tuple[dict[str, str], dict[str, str]]:
 
 BASE_LABELS, SHORT_LABELS = _labels()
 BASELINE = "lora"
-PEER_DTYPE = "float32"  # what a user gets from peft + transformers with no dtype set
-PEER = f"{BASELINE}@{PEER_DTYPE}"  # the key of that row
+PEER = "lora:bf16=false"  # peft LoRA in float32, as a user gets it from peft + transformers with no dtype set
 MIB = 1024 * 1024
 OPTIMIZER_LABELS = {"adamw": "", "apollo": " + APOLLO", "apollo-mini": " + APOLLO-Mini"}
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the benchmark: a base method, optionally with DropBP at ``rate`` or with every branch dropped,
-    optionally with the chunked loss (``leanft.core.chunked_loss``), optionally in its own ``dtype`` (else the
-    bench's), with AdamW or another of train's optimizers (``apollo``, ``apollo-mini``)."""
+    """One row of the benchmark: a variant without DropBP (``paca``, ``full:optimizer=apollo``,
+    ``paca:quantize=4bit``; see ``leanft.studies.variants``), optionally with uniform DropBP at ``rate`` or with
+    every branch dropped (``floor``). Rows of one variant share its timing worker."""
 
-    base: str
+    name: str
     rate: float = 0.0
     floor: bool = False
-    chunked: bool = False
-    dtype: str | None = None
-    optimizer: str = "adamw"
 
     @property
-    def worker(self) -> tuple[str, str | None, str]:
-        """What its timing worker holds: (base, dtype, optimizer); methods differing only in DropBP share one."""
-        return self.base, self.dtype, self.optimizer
+    def base(self) -> str:
+        """The registered method."""
+        return variant_base(self.name)
 
     @property
-    def stem(self) -> str:
-        """The base with a non-default optimizer: ``full``, ``full+apollo``."""
-        return self.base if self.optimizer == "adamw" else f"{self.base}+{self.optimizer}"
+    def worker(self) -> str:
+        """What its timing worker holds: the variant; rows differing only in DropBP share one."""
+        return self.name
 
     @property
     def key(self) -> str:
-        """Stable identifier, e.g. ``paca``, ``paca+dropbp0.5``, ``paca+floor``, ``qpaca+dropbp0.5+chunked``."""
-        suffix = ("+chunked" if self.chunked else "") + (f"@{self.dtype}" if self.dtype else "")
+        """The row's variant name: ``paca``, ``paca+dropbp-uniform:rate=0.5``, ``paca+floor``, ``lora:bf16=false``."""
+        items = variant_items(self.name)
         if self.floor:
-            return f"{self.stem}+floor{suffix}"
-        return (f"{self.stem}+dropbp{self.rate:g}" if self.rate else self.stem) + suffix
+            return variant_name(f"{self.base}+floor", items)
+        if self.rate:
+            return variant_name(f"{self.base}+dropbp-uniform", [*items, f"rate={self.rate:g}"])
+        return self.name
 
     @property
     def label(self) -> str:
         """Human-readable name for tables and charts."""
-        chunked = " + chunked loss" if self.chunked else ""
-        optimizer = OPTIMIZER_LABELS[self.optimizer]
-        if self.dtype:
-            return f"{BASE_LABELS[self.base]}, {self.dtype} (transformers' default)"
+        if self.name == PEER:
+            return f"{BASE_LABELS[BASELINE]}, float32 (transformers' default)"
+        items = dict(item.split("=", 1) for item in variant_items(self.name))
+        form = METHODS[self.base].quantized if items.pop("quantize", None) else self.base
+        optimizer = OPTIMIZER_LABELS.get(items.pop("optimizer", "adamw"), "")
+        rest = f" ({', '.join(f'{k}={v}' for k, v in items.items())})" if items else ""
         if self.floor:
-            return f"{SHORT_LABELS[self.base]}{optimizer} floor (all dropped){chunked}"
+            return f"{SHORT_LABELS[form]}{optimizer} floor (all dropped){rest}"
         if self.rate:
-            return f"{SHORT_LABELS[self.base]}{optimizer} + DropBP {self.rate:g}{chunked}"
-        return BASE_LABELS[self.base] + optimizer + chunked + (" (baseline)" if self.key == BASELINE else "")
+            return f"{SHORT_LABELS[form]}{optimizer} + DropBP {self.rate:g}{rest}"
+        return BASE_LABELS[form] + optimizer + rest + (" (baseline)" if self.key == BASELINE else "")
 
     @property
     def uses_dropbp(self) -> bool:
@@ -82,37 +83,27 @@ class Method:
         return self.floor or self.rate > 0
 
 
-def build_methods(
-    bases: Sequence[str],
-    rates: Sequence[float],
-    chunked: bool = False,
-    peer: bool = False,
-    optimizers: Sequence[str] = (),
-) -> list[Method]:
-    """Table order: (with ``peer``, LoRA in float32 first), plain methods, then each base with DropBP at every
-    rate, then each base's floor; then each base with every one of ``optimizers``, alone and at every rate; with
-    ``chunked``, then every one of those but the floors again with the chunked loss."""
-    methods = [Method(BASELINE, dtype=PEER_DTYPE)] if peer else []
-    methods += [Method(base) for base in bases]
-    methods += [Method(base, rate) for base in bases for rate in rates]
+def build_methods(variants: Sequence[str], rates: Sequence[float], peer: bool = False) -> list[Method]:
+    """Table order: (with ``peer``, LoRA in float32 first), the variants, then each variant with DropBP at every
+    rate, then each variant's floor."""
+    methods = [Method(PEER)] if peer else []
+    methods += [Method(name) for name in variants]
+    methods += [Method(name, rate) for name in variants for rate in rates]
     if rates:
-        methods += [Method(base, floor=True) for base in bases]
-    for optimizer in optimizers:
-        methods += [Method(base, rate, optimizer=optimizer) for base in bases for rate in (0.0, *rates)]
-    if chunked:
-        methods += [Method(m.base, m.rate, chunked=True, optimizer=m.optimizer)
-                    for m in methods if not (m.floor or m.dtype)]
+        methods += [Method(name, floor=True) for name in variants]
     return methods
 
 
 def parse_method_keys(text: str, methods: Sequence[Method]) -> list[Method]:
-    """Methods named in a comma-separated list of keys (``all`` = every method, ``off`` = no method)."""
+    """Methods named in a comma-separated list of keys (``all`` = every method, ``off`` = no method); the
+    ``KEY=VALUE`` items of a key may come in any order."""
     if text.strip() in ("", "off", "false"):  # YAML reads a bare off as false
         return []
     by_key = {method.key: method for method in methods}
     if text.strip() == "all":
         return list(methods)
-    keys = [key.strip() for key in text.split(",") if key.strip()]
+    keys = [variant_name(variant_base(key.strip()), variant_items(key.strip())) for key in text.split(",")
+            if key.strip()]
     unknown = [key for key in keys if key not in by_key]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(by_key)}")
@@ -175,6 +166,7 @@ def summarize(
             "key": method.key,
             "label": method.label,
             "base": method.base,
+            "worker": method.worker,
             "rate": method.rate,
             "floor": method.floor,
             "step_s": seconds,
@@ -194,9 +186,9 @@ def summarize(
             "max_len": max_len.get(method.key, {}).get("max_len"),
             "len_ratio": ratio(max_len.get(method.key, {}).get("max_len"), base_len),
         }
-        if method.rate and not (method.floor or method.chunked or method.dtype) and method.optimizer == "adamw":
+        if method.rate and not method.floor:
             row["vs_interp"] = interpolation_ratio(
-                steps, timing.get(method.base, []), timing.get(Method(method.base, floor=True).key, [])
+                steps, timing.get(method.worker, []), timing.get(Method(method.worker, floor=True).key, [])
             )
         rows.append(row)
     return rows

@@ -1,8 +1,8 @@
 """The part of ``leanft bench`` that runs inside a fresh worker process: one model, one method, steps on request.
 
-A worker loads the model and applies one base method exactly as ``leanft train`` does (the method registry,
-``leanft.run.methods``, with train's default settings), attaches a DropBP
-controller when asked, builds AdamW over the trainable parameters and a fixed random batch, then answers
+A worker loads the model and sets it up exactly as ``leanft train`` does, through ``leanft.run.prepare.prepare_model``
+with the row's train config (method, precision, compile, DropBP with its sampler, checkpointing), builds the
+run's optimizer over the trainable parameters and a fixed random batch, then answers
 requests from the parent over a pipe: ``step`` (one timed training step at a DropBP rate, drawing that
 step's pattern exactly as training does) or ``memory`` (one step measured for peak memory and bytes saved
 for backward). Workers start from a fork server that has already imported torch, transformers and peft,
@@ -13,28 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import re
 import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from torch import nn
 
 from leanft.core.chunked_loss import chunked_causal_lm_loss
-from leanft.core.compiled import compile_branches
-from leanft.core.dropbp import DropBP, apply_dropbp
-from leanft.core.precision import trainable_in_fp32
 from leanft.run import models
 from leanft.run.config import TrainConfig
-from leanft.run.methods import METHODS, QUANTIZED_FORMS, attach_method
 from leanft.run.optimizers import build_optimizer, state_bytes
+from leanft.run.prepare import prepare_model
 from leanft.studies.memory import SavedTensorMeter
 
-BASES = (*METHODS, *QUANTIZED_FORMS)  # every registered method and its 4-bit form (qlora, qpaca)
 TINY_MODEL = "tiny"
 TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embeddings, grouped KV heads)
     vocab_size=4096,
@@ -50,22 +47,24 @@ TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embedding
 
 @dataclass(frozen=True)
 class Case:
-    """Everything a worker needs to build its model, method and batch."""
+    """Everything a worker needs to build its model, method and batch: the row's train config (its method,
+    ``quantize``, ``bf16`` true or false, optimizer, r, seed, ...) plus batch, length and process settings."""
 
-    model: str = "default"  # "tiny" or any spec ``leanft.run.models.load_model`` accepts
-    base: str = "lora"  # one of BASES
-    r: int = 8
+    config: TrainConfig = field(default_factory=TrainConfig)
     batch: int = 4
     seq_len: int = 256
-    seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
     dropbp: bool = True  # attach a DropBP controller (rate 0 = every branch kept)
-    lr: float = 1e-4
     threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
     release_memory: bool = False  # hand freed blocks back to the OS at once (memory probes, see release_freed_memory)
-    compile: bool = False  # torch.compile each branch, as leanft train's compile=true
-    optimizer: str = "adamw"  # or apollo / apollo-mini, as leanft train's optimizer=
+
+
+def row_config(case: Case) -> TrainConfig:
+    """The train config ``case``'s worker sets its model up with: its batch and length; compile stays off on a
+    4-bit base."""
+    config = case.config
+    return dataclasses.replace(config, batch_size=case.batch, max_seq_len=case.seq_len,
+                               compile=config.compile and not config.quantize)
 
 
 def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = False) -> nn.Module:
@@ -82,15 +81,6 @@ def load_model(spec: str, dtype: torch.dtype, device: str, quantize: bool = Fals
     with tempfile.TemporaryDirectory() as folder:
         tiny.save_pretrained(folder)
         return models.load_model(folder, dtype, device, quantized).train()
-
-
-def apply_method(model: nn.Module, base: str, r: int, seed: int) -> nn.Module:
-    """Make ``model`` trainable by ``base`` exactly as ``leanft train`` does (same registry, same settings).
-
-    A 4-bit form (``qlora``, ``qpaca``) is its method on the 4-bit model ``load_model(quantize=True)`` gives.
-    """
-    method = QUANTIZED_FORMS.get(base, base)
-    return attach_method(model, method, TrainConfig(method=method, r=r, seed=seed).method_settings())
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int, device: str) -> dict[str, torch.Tensor]:
@@ -158,19 +148,15 @@ class Trainee:
 
     def __init__(self, case: Case) -> None:
         self.case = case
-        dtype = getattr(torch, case.dtype)
-        model = load_model(case.model, dtype, case.device, quantize=case.base in QUANTIZED_FORMS)
+        config = self.config = row_config(case)
+        model = load_model(config.model, config.base_dtype(), case.device, quantize=bool(config.quantize))
         vocab_size = model.config.vocab_size
-        self.model = apply_method(model, case.base, case.r, case.seed)
-        self.autocast = dtype if dtype != torch.float32 else None  # as leanft train: fp32 trainables, 16-bit base
-        if self.autocast is not None:
-            trainable_in_fp32(self.model)
-        if case.compile and case.base not in QUANTIZED_FORMS:
-            compile_branches(self.model)
-        self.controller: DropBP | None = apply_dropbp(self.model, 0.0, seed=case.seed) if case.dropbp else None
+        prepared = prepare_model(model, config, dropbp_rate=0.0 if case.dropbp else None)  # train's set-up
+        self.model, self.controller = prepared.model, prepared.controller
+        self.autocast = torch.bfloat16 if config.uses_bf16() else None  # as the Trainer runs a bf16 config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, case.optimizer, case.lr)
-        self.batch = make_batch(vocab_size, case.batch, case.seq_len, case.seed, case.device)
+        self.optimizer = build_optimizer(self.model, config.optimizer, config.learning_rate())
+        self.batch = make_batch(vocab_size, case.batch, case.seq_len, config.seed, case.device)
         with torch.no_grad():  # page in weights a safetensors load left memory-mapped, so set-up memory counts them
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
                 tensor.sum()
@@ -185,9 +171,10 @@ class Trainee:
         self.controller.step = index
         return self.controller.forced([True] * len(self.controller.branches)) if floor else contextlib.nullcontext()
 
-    def _train_step(self, rate: float, floor: bool, index: int, chunked: bool = False) -> float:
+    def _train_step(self, rate: float, floor: bool, index: int) -> float:
         device_type = torch.device(self.case.device).type
         autocast = torch.autocast(device_type, self.autocast) if self.autocast else contextlib.nullcontext()
+        chunked = self.config.chunked_loss
         with self._pattern(rate, floor, index), autocast:
             loss = chunked_causal_lm_loss(self.model, self.batch) if chunked else self.model(**self.batch).loss
             loss.backward()
@@ -195,14 +182,12 @@ class Trainee:
         self.optimizer.zero_grad(set_to_none=True)
         return self.controller.dropped_fraction() if self.controller else 0.0
 
-    def step(self, rate: float = 0.0, floor: bool = False, index: int = 0, chunked: bool = False) -> dict:
-        """One timed training step (forward, backward, AdamW step) with step ``index``'s drop pattern.
-
-        ``chunked`` computes the loss with ``leanft.core.chunked_loss`` (never the full logits).
-        """
+    def step(self, rate: float = 0.0, floor: bool = False, index: int = 0) -> dict:
+        """One timed training step (forward, backward, optimizer step) with step ``index``'s drop pattern, and the
+        loss train's ``chunked_loss`` says (``leanft.core.chunked_loss``: never the full logits)."""
         _sync(self.case.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        dropped = self._train_step(rate, floor, index, chunked)
+        dropped = self._train_step(rate, floor, index)
         _sync(self.case.device)
         cpu_seconds = time.process_time() - cpu_start  # all threads; with one thread, robust to a busy machine
         return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds, "dropped": dropped, "index": index}
@@ -221,9 +206,7 @@ class Trainee:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def memory(
-        self, rate: float = 0.0, floor: bool = False, indices: list[int] | None = None, chunked: bool = False
-    ) -> dict:
+    def memory(self, rate: float = 0.0, floor: bool = False, indices: list[int] | None = None) -> dict:
         """Peak memory and bytes saved for backward of one step; DropBP uses the least-dropped of ``indices``."""
         device = self.case.device
         index = self.least_dropped(rate, indices or [0])
@@ -232,7 +215,7 @@ class Trainee:
         setup = current_bytes(device)
         reset_peak(device)
         with SavedTensorMeter(self.model) as meter:
-            dropped = self._train_step(rate, floor, index, chunked)
+            dropped = self._train_step(rate, floor, index)
         _sync(device)
         return {"peak": peak_bytes(device), "setup": setup, "saved": meter.bytes, "dropped": dropped, "index": index,
                 "optimizer_state": state_bytes(self.optimizer)}
@@ -248,7 +231,7 @@ def _quiet() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def serve(case: dict, conn) -> None:
+def serve(case: Case, conn) -> None:
     """Worker entry point: build a ``Trainee`` for ``case`` and answer ``{"op", "args"}`` requests until "exit".
 
     The first reply reports memory in use before (``start``) and after (``loaded``) building the model.
@@ -256,7 +239,7 @@ def serve(case: dict, conn) -> None:
     """
     _quiet()
     try:
-        settings = Case(**case)
+        settings = case
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if settings.release_memory and not settings.device.startswith("cuda"):
@@ -278,8 +261,3 @@ def serve(case: dict, conn) -> None:
         conn.send({"error": traceback.format_exc(limit=8)})
     finally:
         conn.close()
-
-
-def case_dict(case: Case) -> dict:
-    """``case`` as a plain dict (what ``serve`` receives)."""
-    return asdict(case)

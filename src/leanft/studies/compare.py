@@ -10,7 +10,6 @@ variant's step time, and its schedule is set to the steps that fit (so the cosin
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -21,34 +20,27 @@ from pathlib import Path
 
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import atomic_path, write_json
-from leanft.run.config import TrainConfig, apply_overrides, load_config
+from leanft.run.config import TrainConfig, load_config
 from leanft.run.files import BASELINE_FILE, METRICS_FILE
-from leanft.run.methods import METHODS
 from leanft.run.options import apply_items, doc, split_config_path, split_items
 from leanft.run.rundir import default_output_dir, fresh_output_dir
 from leanft.studies.compare_report import plot_curves, render_table, time_to_quality
+from leanft.studies.variants import (
+    EXAMPLES,
+    STUDY_DROP_RATE,
+    VARIANT_TRAIN_KEYS,
+    parse_variants,
+    study_variants,
+    variant_base,
+    variant_train_config,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def study_variants() -> dict[str, dict]:
-    """Every variant name: each registered method alone, with allocated DropBP, and with uniform DropBP."""
-    variants = {}
-    for name in METHODS:
-        variants[name] = {"method": name, "dropbp_on": False, "allocate": False}
-        variants[f"{name}+dropbp"] = {"method": name, "dropbp_on": True, "allocate": True}
-        variants[f"{name}+dropbp-uniform"] = {"method": name, "dropbp_on": True, "allocate": False}
-    return variants
-
-
-# a variant's own keys that are train keys; its method's own keys (``columns`` of paca) and DropBP's are the others
-VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "warmup_ratio", "lr_scheduler", "bf16", "compile", "optimizer",
-                      "seed")  # fmt: skip
-
-
 DEFAULT_VARIANTS = "lora,paca,lora+dropbp,paca+dropbp,paca+dropbp-uniform"
-STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
-PROBE_STEPS = 6  # a budgeted variant's probe run; its first step (warm-up, allocation) does not set the median
+PROBE_STEPS = 10  # a budgeted variant's probe run; its first half (warm-up: allocation, pages of the weights
+# written for the first time, which a PaCA step pays for several steps) does not set its step time
 PROBE_DIR = "probes"
 RESULT_FILE = "compare.json"
 TABLE_FILE = "compare.md"
@@ -62,16 +54,14 @@ class CompareOptions:
     variants: str = doc(
         "comma-separated, the first is the baseline; choose from " + ", ".join(study_variants())
         + f"; DropBP variants run at dropbp.rate ({STUDY_DROP_RATE} when it is 0). A variant may set its own "
-        + ", ".join(VARIANT_TRAIN_KEYS) + ", its method's own keys and DropBP keys after colons: paca:lr=0.01, "
-        "paca:r=32:columns=activation, lora:alpha=32, s2ft:ffn=0.1, full:optimizer=apollo, "
-        "paca+dropbp:warmup=0.2:rate=0.3",
+        + ", ".join(VARIANT_TRAIN_KEYS) + ", its method's own keys and DropBP keys after colons: " + EXAMPLES,
         DEFAULT_VARIANTS,
     )
     eval_every: int = doc("held-out loss every N optimizer steps (not counted as training time)", 10)
     budget_s: float | None = doc(
         "equal wall time instead of equal steps: each variant trains for about this many seconds (evaluation "
-        f"excluded); its step count, and so its schedule's length, comes from the median step time of a "
-        f"{PROBE_STEPS}-step probe run; null = every variant runs max_steps",
+        f"excluded); its step count, and so its schedule's length, comes from its seconds per token in the second "
+        f"half of a {PROBE_STEPS}-step probe run; null = every variant runs max_steps",
         None,
     )
 
@@ -81,13 +71,7 @@ class CompareOptions:
             raise LeanftError(f"eval_every must be a whole number >= 1, got {self.eval_every!r}")
         if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
             raise LeanftError(f"budget_s must be a number of seconds > 0 (or null), got {self.budget_s!r}")
-        names = [name.strip() for name in self.variants.split(",") if name.strip()]
-        unknown = [name for name in names if variant_base(name) not in study_variants()]
-        if unknown or not names:
-            raise LeanftError(f"unknown variant(s) {unknown or self.variants!r}: choose from "
-                              f"{', '.join(study_variants())}")
-        if len(set(names)) != len(names):
-            raise LeanftError(f"variants lists a method twice: {self.variants}")
+        names = parse_variants(self.variants)
         self.variants = ",".join(names)
         return self
 
@@ -99,52 +83,12 @@ def parse_compare_args(items: Sequence[str]) -> tuple[CompareOptions, str | None
     return apply_items(CompareOptions(), own, "compare").validate(), path, overrides
 
 
-def variant_base(name: str) -> str:
-    """The method part of a variant name (``paca+dropbp`` of ``paca+dropbp:warmup=0.2``)."""
-    return name.split(":", 1)[0]
-
-
-def variant_overrides(name: str) -> list[str]:
-    """The variant's own keys (``:KEY=VALUE`` after its method) as train overrides: one of ``VARIANT_TRAIN_KEYS``,
-    a key of its method's own (``paca:columns=activation`` is ``paca.columns``), a dotted train key, or a DropBP
-    key."""
-    method = study_variants()[variant_base(name)]["method"]
-    own = METHODS[method].keys
-    own_names = {item.name for item in dataclasses.fields(own)} if own else set()
-
-    def spelled(item: str) -> str:
-        key = item.partition("=")[0]
-        if key in VARIANT_TRAIN_KEYS or "." in key:
-            return item
-        return f"{method}.{item}" if key in own_names else f"dropbp.{item}"
-
-    return [spelled(item) for item in name.split(":")[1:]]
-
-
 def variant_config(base: TrainConfig, name: str, study_dir: Path, eval_every: int) -> TrainConfig:
-    """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings."""
-    spec = study_variants()[variant_base(name)]
-    if any(item.startswith("dropbp.") for item in variant_overrides(name)) and not spec["dropbp_on"]:
-        raise LeanftError(f"variant {name!r} sets DropBP keys on a method without DropBP")
-    dropbp = dataclasses.replace(
-        base.dropbp,
-        rate=(base.dropbp.rate or STUDY_DROP_RATE) if spec["dropbp_on"] else 0.0,
-        allocate_at=base.dropbp.allocate_at if spec["allocate"] else None,
-    )
-    config = dataclasses.replace(
-        base,
-        method=spec["method"],
-        dropbp=dropbp,
-        output_dir=str(study_dir / name),
-        method_keys=copy.deepcopy(base.method_keys),  # the variant's own keys must not reach the others
-        eval_steps=eval_every,
-        resume=False,
-        overwrite=False,
-    )
-    try:
-        return apply_overrides(config, variant_overrides(name)).validate()
-    except LeanftError as error:
-        raise LeanftError(f"variant {name!r}: {error}") from None
+    """The ``TrainConfig`` of one variant: the shared settings with its method and DropBP settings, in its own
+    folder, evaluated every ``eval_every`` steps."""
+    run = dataclasses.replace(base, output_dir=str(study_dir / name), eval_steps=eval_every, resume=False,
+                              overwrite=False)
+    return variant_train_config(run, name)
 
 
 def check_study(base: TrainConfig, names: Sequence[str]) -> None:
@@ -174,18 +118,26 @@ def run_variant(config: TrainConfig, baseline: dict | None) -> tuple[dict, list[
 
 
 def probe_step_time(config: TrainConfig, probe_dir: Path, baseline: dict | None) -> float:
-    """Median seconds per optimizer step of ``config``, from a ``PROBE_STEPS``-step run in ``probe_dir``.
+    """Seconds per optimizer step of ``config`` on an average batch, from a ``PROBE_STEPS``-step run in ``probe_dir``.
 
-    The probe evaluates on one held-out example and saves no checkpoint; the first step is not counted.
+    The probe's batches are the data's first ones, not a typical draw of their lengths, so it measures seconds
+    per token (the median over the second half of its steps: the first ones are slower) and scales it to the
+    training data's mean tokens per step. The probe evaluates on one held-out example and saves no checkpoint.
     """
     from leanft.run.train import train
 
     probe = dataclasses.replace(config, max_steps=PROBE_STEPS, output_dir=str(probe_dir), eval_steps=0,
                                 logging_steps=1, save_steps=PROBE_STEPS + 1, num_eval=1, max_new_tokens=1)
-    train(probe.validate(), baseline=baseline)
+    summary = train(probe.validate(), baseline=baseline)
     lines = [json.loads(line) for line in (probe_dir / METRICS_FILE).read_text().splitlines()]
-    elapsed = [line["elapsed_s"] for line in lines if "loss" in line]
-    return statistics.median(later - earlier for earlier, later in itertools.pairwise(elapsed))
+    logged = [(line["elapsed_s"], line["num_input_tokens_seen"]) for line in lines if "loss" in line]
+    steps = logged[len(logged) // 2 - 1:]  # the intervals of the second half
+    data = summary["data"]["train"]
+    if "tokens" not in data:  # a stream: its mean length is not known ahead
+        return statistics.median(t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(steps))
+    per_token = statistics.median((t1 - t0) / (n1 - n0) for (t0, n0), (t1, n1) in itertools.pairwise(steps))
+    examples_per_step = config.batch_size * config.grad_accum
+    return per_token * examples_per_step * data["tokens"] / (data["examples"] - data["dropped"])
 
 
 def budgeted(config: TrainConfig, budget_s: float, step_s: float) -> TrainConfig:

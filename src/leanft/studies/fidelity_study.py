@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leanft.core.dropbp import check_rate
 from leanft.core.errors import LeanftError
@@ -21,6 +22,9 @@ from leanft.core.fileio import atomic_path, write_json
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.options import apply_items, doc, split_items
 from leanft.studies.tables import fmt, markdown_table
+
+if TYPE_CHECKING:
+    from leanft.run.prepare import PreparedModel
 
 DEFAULT_PATTERNS = (1, 4, 8)
 PLOT_HELP = "  plot=OUT.png results=A.json,B.json: instead of measuring, draw saved results against model size"
@@ -102,25 +106,29 @@ def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, 
     return config, options
 
 
+def study_model(config: TrainConfig, rate: float) -> tuple[PreparedModel, object, dict]:
+    """(the model as train sets it up, with DropBP at ``rate``; its tokenizer; its size): the dtype train loads,
+    the method, fp32 trainables under bf16, compile, DropBP's sampler."""
+    from leanft.run.models import load_model_and_tokenizer
+    from leanft.run.prepare import prepare_model
+
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
+    text_config = model.config.get_text_config()
+    size = {"parameters": model.num_parameters(), "layers": text_config.num_hidden_layers,
+            "width": text_config.hidden_size}
+    return prepare_model(model, config, dropbp_rate=rate), tokenizer, size
+
+
 def run_study(config: TrainConfig, options: StudyOptions) -> dict:
     """Load the job's model and first batch, measure every (rate, patterns) pair; write ``options.output`` if set."""
     import torch
 
     from leanft.core.fidelity import answer_tokens, full_gradient, gradient_fidelity
     from leanft.run.data import collate, tokenize_dataset
-    from leanft.run.models import load_model_and_tokenizer
-    from leanft.run.prepare import prepare_model
     from leanft.run.sources import load_records
 
-    # the model as train sets it up: its dtype, the method, fp32 trainables under bf16, compile, DropBP's sampler
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
-    text_config = model.config.get_text_config()
-    size = {
-        "parameters": model.num_parameters(),
-        "layers": text_config.num_hidden_layers,
-        "width": text_config.hidden_size,
-    }
-    ctrl = prepare_model(model, config, dropbp_rate=options.rates[0]).controller
+    prepared, tokenizer, size = study_model(config, options.rates[0])
+    ctrl = prepared.controller
     features = tokenize_dataset(list(islice(load_records(config)[0], config.batch_size)), tokenizer, config.max_seq_len)
     device = next(ctrl.model.parameters()).device
     batch = {key: value.to(device) for key, value in collate(features, tokenizer.pad_token_id).items()}
