@@ -151,7 +151,7 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(model_dir, data_f
     assert main(run_args(model_dir, data_file, run_dir, "max_steps=2")) == 2
     assert "overwrite=true" in one_line_error(capsys)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    for extra in ([], ["--overwrite"]):  # merging a run into its own folder would replace the run
+    for extra in ([], ["overwrite=true"]):  # merging a run into its own folder would replace the run
         assert main(["merge", str(run_dir), str(run_dir), *extra]) == 2
         assert "overlaps the run folder" in one_line_error(capsys)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
@@ -228,11 +228,14 @@ def test_report_to_tensorboard_logs_leanfts_metrics(model_dir, data_file, tmp_pa
 def test_help_and_bad_options_answer_without_importing_torch_transformers_or_peft():
     code = (
         "import sys\nfrom leanft.cli import main\n"
-        "for argv in (['--help'], ['train', '--help']):\n"
+        "for argv in (['--help'], ['train', '--help'], ['export', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-        "codes = [main(['train', 'method=nope']), main(['train', 'max_steps=abc']), main(['train', '--foo'])]\n"
+        "codes = [main(['train', 'method=nope']), main(['train', 'max_steps=abc']), main(['train', '--foo']),\n"
+        "         main(['export', 'run', 'out', 'format=onnx']), main(['merge', 'run', 'out', '--dtype', 'bf16'])]\n"
         "print(codes, [name for name in ('torch', 'transformers', 'peft') if name in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2] []", result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] []", result.stderr[-2000:]
     assert "method must be one of" in result.stderr and "max_steps" in result.stderr
+    assert "uniform_rank" in result.stdout and "format must be one of" in result.stderr  # export's keys, checked
+    assert "dtype=bf16" in result.stderr  # merge's old flag, answered with the new spelling

@@ -177,3 +177,15 @@ def test_a_full_disk_while_a_checkpoint_saves_trainer_state_is_one_line(
     assert error.startswith("leanft: error:") and "is full" in error, error
     kept = checkpoints(run_dir)
     assert kept == [run_dir / "checkpoint-2"] and checkpoint_problem(kept[0]) is None
+
+
+def test_a_peft_lora_export_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data_file, small_disk,
+                                                                            tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(command(model_dir, data_file, run_dir, 1, "bf16=false")).returncode == 0  # a PaCA run
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # less is left than the adapter needs
+    out = small_disk / "adapter"
+    error = one_line_error(run([sys.executable, "-m", "leanft", "export", str(run_dir), str(out), "format=peft-lora"]))
+    assert "no space left" in error and not out.exists()
+    assert not [path for path in small_disk.iterdir() if path.name != "filler"]  # no half-written temporary

@@ -86,7 +86,7 @@ def test_merge_writes_the_dtype_asked_for(model_dir, data_file, tmp_path):
     run_dir = tmp_path / "run"
     assert main(run_args(model_dir, data_file, run_dir, "bf16=true", "max_steps=2", "lr=0.05")) == 0
     assert main(["merge", str(run_dir), str(tmp_path / "fp32")]) == 0
-    assert main(["merge", str(run_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert main(["merge", str(run_dir), str(tmp_path / "bf16"), "dtype=bfloat16"]) == 0
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype="auto")
     half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert {p.dtype for p in full.parameters()} == {torch.float32}

@@ -15,7 +15,14 @@ from transformers import AutoModelForCausalLM
 import leanft
 from leanft.cli import main
 from leanft.core.errors import LeanftError
-from leanft.core.quant import QPacaLinear, dequantize_module, is_linear4bit, is_quantized, quantization_config
+from leanft.core.quant import (
+    QPacaLinear,
+    dequantize_module,
+    is_linear4bit,
+    is_quantized,
+    keep_4bit_layout,
+    quantization_config,
+)
 from leanft.run.config import load_config
 from leanft.run.methods import METHODS, MethodSettings, attach_method
 from leanft.run.models import load_model_and_tokenizer
@@ -196,6 +203,15 @@ def test_train_quantize_4bit_with_dropbp(method, wide_model_dir, data_file, tmp_
     assert "lossy" in capsys.readouterr().out
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert not any(is_linear4bit(m) for m in plain.modules()) and "quantization_config" not in plain.config.to_dict()
+    # the peft LoRA adapter (QPaCA converted, QLoRA as trained) on the 4-bit base gives the merged model's logits
+    assert main(["export", str(run_dir), str(tmp_path / "adapter"), "format=peft-lora"]) == 0
+    assert "applies to the base loaded in 4 bits" in capsys.readouterr().out
+    base = AutoModelForCausalLM.from_pretrained(wide_model_dir, quantization_config=quantization_config("4bit", "cpu"),
+                                                device_map="cpu")
+    loaded = peft.PeftModel.from_pretrained(keep_4bit_layout(base), str(tmp_path / "adapter")).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, plain.eval()(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
 def test_eval_of_a_base_model_honours_quantize(wide_model_dir, data_file, capsys):

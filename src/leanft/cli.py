@@ -1,4 +1,4 @@
-"""``leanft train | eval | merge | generate | compare | fidelity | bench``: thin commands over the library.
+"""``leanft train | eval | export | merge | generate | compare | fidelity | bench``: thin commands over the library.
 
 Bad input ends with one line on stderr and exit code 2; Ctrl-C during training saves a checkpoint first.
 """
@@ -104,30 +104,15 @@ def heldout_report(model, tokenizer, config, records: list) -> dict:
     return {**evaluate(model, tokenizer, records, features, eval_settings(config)), "num_eval": len(records)}
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    """Run ``leanft merge RUN_DIR OUT_DIR``: a standalone HF model folder with the adapter merged in."""
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``leanft export RUN OUT [key=value ...]`` (or ``leanft merge RUN OUT``, its format=hf): everything is
+    checked before a model loads, and OUT is replaced only once it is completely written."""
+    from leanft.run.export import prepare_export, refuse_old_spellings, run_export
+
+    refuse_old_spellings(args.command, args.old_overwrite, args.old_dtype)
+    job = prepare_export(args.run_dir, args.out, args.items, args.command)
     quiet_transformers()
-    import torch
-
-    from leanft.core.fileio import atomic_dir
-    from leanft.run.methods import method_spec
-    from leanft.run.rundir import load_run
-
-    out_dir, run_dir = Path(args.out_dir).resolve(), Path(args.run_dir).resolve()
-    if out_dir == run_dir or run_dir in out_dir.parents or out_dir in run_dir.parents:
-        raise LeanftError(f"OUT_DIR {args.out_dir} overlaps the run folder {args.run_dir}: choose a folder outside it")
-    if out_dir.is_file():
-        raise LeanftError(f"OUT_DIR {args.out_dir} is a file: pass a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise LeanftError(f"{out_dir} is not empty: pass --overwrite or choose another folder")
-    model, tokenizer, config = load_run(args.run_dir, device="cpu")
-    plain = method_spec(config.method).merge(model).to(getattr(torch, args.dtype))  # merged in fp32, then cast
-    with atomic_dir(out_dir) as folder:
-        plain.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    print(f"merged model written to {out_dir}")
-    if config.quantize:
-        print(f"note: trained on a {config.quantize} base, merged in full precision; quantizing it again is lossy")
+    print(run_export(job))
     return 0
 
 
@@ -206,6 +191,24 @@ def _add_keys_command(
     command.set_defaults(func=func)
 
 
+def _add_export_command(commands, name: str, summary: str, description: str) -> None:
+    """``leanft export`` / ``leanft merge``: RUN_DIR OUT [key=value ...]; the flags of before are refused with
+    their new spelling."""
+    def keys() -> list[str]:
+        lines = options_help(_option_class("run.export:ExportOptions"))
+        return ["keys:", *(line for line in lines if name == "export" or line.split()[0] in ("dtype", "overwrite"))]
+
+    command = commands.add_parser(
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, description=description, keys=keys,
+    )
+    command.add_argument("run_dir", help="a finished leanft run folder")
+    command.add_argument("out", help="the folder to write (replaced only once it is completely written)")
+    command.add_argument("items", nargs="*", metavar="key=value")
+    command.add_argument("--overwrite", dest="old_overwrite", action="store_true", help=argparse.SUPPRESS)
+    command.add_argument("--dtype", dest="old_dtype", default=None, help=argparse.SUPPRESS)
+    command.set_defaults(func=cmd_export)
+
+
 def train_keys() -> list[str]:
     """``leanft train``'s keys, one line each."""
     from leanft.run.config import config_help
@@ -237,13 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_eval, "RUN_DIR | key=value",
     )
 
-    merge = commands.add_parser("merge", help="write a standalone HF model with the adapter merged in")
-    merge.add_argument("run_dir")
-    merge.add_argument("out_dir")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="the dtype of the written weights (merged in float32 first)")
-    merge.set_defaults(func=cmd_merge)
+    _add_export_command(commands, "export", "write a run for serving: a merged HF model or a peft LoRA adapter",
+                        "leanft export RUN_DIR OUT [format=hf|peft-lora] [dtype=...] [overwrite=true]")
+    _add_export_command(commands, "merge", "write a standalone HF model with the adapter merged in",
+                        "leanft merge RUN_DIR OUT [dtype=...] [overwrite=true]  (leanft export's format=hf)")
 
     generate = commands.add_parser("generate", help="answer a prompt with a tuned model")
     generate.add_argument("run_dir")

@@ -1,9 +1,9 @@
 """The method registry: one ``MethodSpec`` per fine-tuning method, used by train, eval, merge, bench and compare.
 
 A spec says how the method makes a loaded model trainable (``attach``), writes and reads what it trained
-(``save`` / ``load``), gives back a plain transformers model (``merge``), its default learning rate, its labels,
-and the name of its form on a 4-bit base. Adding a method is one entry in ``METHODS`` plus the module that
-implements it.
+(``save`` / ``load``), gives back a plain transformers model (``merge``), its update as a peft LoRA adapter where it
+has one (``lora_form``), its default learning rate, its labels, and the name of its form on a 4-bit base. Adding a
+method is one entry in ``METHODS`` plus the module that implements it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 STEPS = "leanft.run.method_steps"  # the functions below name what they run there, imported on first use
 PACA = "leanft.core.paca"
+ADAPTER = "leanft.run.peft_adapter"
 
 
 @dataclass
@@ -98,6 +99,8 @@ class MethodSpec:
     default_r: int | None = None  # r (PaCA's columns, LoRA's rank) where the config leaves it null; None: no r
     keys: type | None = None  # a dataclass of the method's own keys (``NAME.KEY=...``, doc() fields; it may
     # have ``validate(in_use: bool)``, called before any model loads)
+    lora_form: Callable[[nn.Module, bool], tuple] | None = None  # the trained model's update as a peft LoRA
+    # adapter, (LoraConfig, tensors), given (model, uniform_rank): ``leanft export format=peft-lora``; None: none
 
 
 def parse_target_modules(text: str) -> str | list[str]:
@@ -124,7 +127,8 @@ def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
 
-PACA_FILES = {"save": lazy("save_paca", PACA), "load": lazy("load_paca", PACA), "own_checkpoints": True}
+PACA_FILES = {"save": lazy("save_paca", PACA), "load": lazy("load_paca", PACA), "own_checkpoints": True,
+              "lora_form": lazy("paca_lora_form", ADAPTER)}
 PRETRAINED_FILES = {"save": lazy("save_pretrained")}
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -137,7 +141,8 @@ METHODS: dict[str, MethodSpec] = {
                    **PACA_FILES),
         MethodSpec(name="lora", label="peft LoRA", short_label="LoRA", default_lr=3e-3, default_r=8, quantized="qlora",
                    attach=lazy("attach_lora"), check=lazy("check_lora"), merge=lazy("merge_lora"),
-                   load=lazy("load_lora"), keys=LoraKeys, **PRETRAINED_FILES),
+                   load=lazy("load_lora"), keys=LoraKeys, lora_form=lazy("trained_lora_form", ADAPTER),
+                   **PRETRAINED_FILES),
         MethodSpec(name="full", label="full FT", short_label="full FT", default_lr=1e-4, quantized=None,
                    attach=lazy("attach_full"), check=lazy("check_nothing"), merge=_unchanged,
                    load=lazy("load_full"), **PRETRAINED_FILES),
