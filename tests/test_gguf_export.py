@@ -152,7 +152,8 @@ def test_q8_0_is_close_and_answers_the_same(exported, tmp_path):
     tokens = sample_tokens(model.config.vocab_size)
     reference = rounded(model, through(gguf.GGMLQuantizationType.Q8_0))
     torch.testing.assert_close(logits(back, tokens), logits(reference, tokens), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits(back, tokens), logits(model, tokens), rtol=0, atol=2e-2)
+    plain = logits(model, tokens)
+    torch.testing.assert_close(logits(back, tokens), plain, rtol=0, atol=0.1 * plain.std().item())  # ~8-bit noise
     for prompt in ("What is the capital of France?", "Rewrite the date", "user assistant system"):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
@@ -316,7 +317,7 @@ def test_modelfile_recognises_llama3_and_leaves_others_without_template():
     for template in (alpaca, None):
         tokenizer = make_tiny_tokenizer(template)
         text = modelfile_text("m.gguf", tokenizer)
-        assert "TEMPLATE" not in text and "not recognised" in text
+        assert "\nTEMPLATE" not in text and "not recognised" in text
         assert text.strip().endswith('PARAMETER stop "<|im_end|>"')
 
 

@@ -65,33 +65,37 @@ def modelfile_path(gguf_path: str | Path) -> Path:
 
 
 def _render(tokenizer, messages: Messages) -> str | None:
-    """The tokenizer's chat template on ``messages`` with the reply prompt, BOS stripped; None if it cannot."""
+    """The tokenizer's chat template on ``messages`` with the reply prompt; None if it has none or it fails."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception:  # any template error means: not recognised
         return None
-    bos = tokenizer.bos_token
-    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
+def _same(tokenizer, rendered: str | None, expected: str) -> bool:
+    """Whether ``rendered`` is ``expected``, or BOS then ``expected`` (llama.cpp adds a BOS token itself)."""
+    bos = tokenizer.bos_token or ""
+    return rendered is not None and rendered in (expected, bos + expected)
 
 
 def template_family(tokenizer) -> TemplateFamily | None:
     """The known family whose rendering of a sample conversation equals the tokenizer's, or None."""
     rendered = _render(tokenizer, SAMPLE)
-    return next((family for family in FAMILIES if rendered == family.render(SAMPLE)), None)
+    return next((family for family in FAMILIES if _same(tokenizer, rendered, family.render(SAMPLE))), None)
 
 
 def default_system(tokenizer, family: TemplateFamily) -> str | None:
     """The system prompt the tokenizer's template inserts into a conversation that has none, or None."""
     user_only = SAMPLE[1:2]
     rendered = _render(tokenizer, user_only)
-    head = family.message("system", "\0").split("\0")[0]
-    if rendered is None or not rendered.startswith(head) or rendered == family.render(user_only):
+    head, tail = family.message("system", "\0").split("\0")
+    if rendered is None or head not in rendered or _same(tokenizer, rendered, family.render(user_only)):
         return None
-    tail = family.message("system", "\0").split("\0")[1]
-    system = rendered[len(head) :].split(tail)[0]
-    return system if rendered == family.render([{"role": "system", "content": system}, *user_only]) else None
+    system = rendered.split(head, 1)[1].split(tail)[0]
+    with_system = family.render([{"role": "system", "content": system}, *user_only])
+    return system if _same(tokenizer, rendered, with_system) else None
 
 
 def _quoted(text: str) -> str:
