@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
             got = answer(back, back_tokenizer)
             print(json.dumps({
                 "model": f"gguf {gguf_type}", "export_s": round(seconds, 1), "mib": path.stat().st_size >> 20,
-                "same_answer": sum(a == b for a, b in zip(got, expected)), "prompts": len(prompts),
+                "same_answer": sum(a == b for a, b in zip(got, expected, strict=True)), "prompts": len(prompts),
                 "accuracy": match_rate(got, references, options["correct"]),
             }))  # fmt: skip
     return 0

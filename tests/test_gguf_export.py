@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import make_tiny_tokenizer, tiny_model
-from tokenizers import Regex, pre_tokenizers
+from tokenizers import Regex, pre_tokenizers, processors
 
 from leanft.core.errors import LeanftError
 from leanft.run.gguf_export import GGUF_TYPES, check_gguf_export, copy_metadata, save_gguf, source_gguf_for
@@ -330,7 +330,13 @@ def test_modelfile_recognises_llama3_and_leaves_others_without_template():
         "{{ m['content'] }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
     )
-    assert template_family(make_tiny_tokenizer(llama3)) is LLAMA3
+    tokenizer = make_tiny_tokenizer(llama3)
+    assert template_family(tokenizer) is None  # its BOS would be missing: encoding does not add one
+    bos = tokenizer.bos_token, tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A", special_tokens=[bos]
+    )
+    assert template_family(tokenizer) is LLAMA3
     assert expand(LLAMA3.go_template, CHAT) == LLAMA3.render(CHAT)
     alpaca = "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}### assistant:\n"
     for template in (alpaca, None):

@@ -102,7 +102,7 @@ def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]
     return tokens, types
 
 
-def _adds_specials(tokenizer) -> tuple[bool, bool]:
+def adds_special_tokens(tokenizer) -> tuple[bool, bool]:
     """Whether encoding text adds the BOS token before it and the EOS token after it."""
     plain = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a", add_special_tokens=True)
@@ -137,7 +137,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GgufVocab:
         for name in ("bos", "eos", "unk", "pad")
         if getattr(tokenizer, f"{name}_token_id", None) is not None
     }
-    add_bos, add_eos = _adds_specials(tokenizer)
+    add_bos, add_eos = adds_special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
     return GgufVocab(tokens, types, _merges(model), pre, special_ids, add_bos, add_eos, template)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanft.core.fileio import atomic_path
+from leanft.run.gguf_vocab import adds_special_tokens
 
 Messages = list[dict[str, str]]
 
@@ -75,9 +76,11 @@ def _render(tokenizer, messages: Messages) -> str | None:
 
 
 def _same(tokenizer, rendered: str | None, expected: str) -> bool:
-    """Whether ``rendered`` is ``expected``, or BOS then ``expected`` (llama.cpp adds a BOS token itself)."""
-    bos = tokenizer.bos_token or ""
-    return rendered is not None and rendered in (expected, bos + expected)
+    """Whether ``rendered`` is ``expected``, or BOS then ``expected`` where encoding adds BOS (llama.cpp does too)."""
+    if rendered == expected:
+        return True
+    bos = tokenizer.bos_token
+    return bool(bos) and rendered == bos + expected and adds_special_tokens(tokenizer)[0]
 
 
 def template_family(tokenizer) -> TemplateFamily | None:
