@@ -363,3 +363,25 @@ def test_default_model_round_trips_through_f16(tmp_path):
     assert generate_answers(back, back_tokenizer, prompts) == generate_answers(model, tokenizer, prompts)
     assert "output.weight" not in tensor_types(path)
     assert 'PARAMETER stop "<|im_end|>"' in modelfile.read_text() and "SYSTEM" in modelfile.read_text()
+
+
+@pytest.mark.slow
+def test_default_model_as_a_hugging_face_folder_keeps_its_tokenizer(tmp_path):
+    from leanft.run.models import default_model_path
+
+    folder = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    path, modelfile = save_gguf(model, tokenizer, tmp_path / "hf.gguf", "q8_0")  # no source: from the folder
+    back = load_gguf_tokenizer(path)
+    chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    for text in (MIXED, chat):
+        assert (
+            back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+    assert back.chat_template == tokenizer.chat_template and "SYSTEM" in modelfile.read_text()
+    fields = gguf.GGUFReader(path).fields
+    assert (
+        fields["llama.rope.freq_base"].contents() == 100000.0
+        and fields["llama.attention.head_count_kv"].contents() == 3
+    )
