@@ -188,6 +188,28 @@ def test_export_peft_lora_in_bfloat16_and_the_overwrite_rule(runs, tmp_path, cap
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left beside it
 
 
+def test_export_gguf_loads_in_transformers_with_the_merged_models_logits(runs, model_dir, tmp_path, capsys):
+    """OUT.gguf picks format=gguf: the file, loaded back by transformers' GGUF loader, gives the merged model's
+    logits to f16 rounding, and an Ollama Modelfile names it; the overwrite rule holds for both files."""
+    run_dir, out = runs("paca"), tmp_path / "gguf" / "tuned.gguf"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    assert "GGUF file (f16)" in capsys.readouterr().out
+    assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name)
+    expected = logits(merged)
+    assert (logits(loaded) - expected).abs().max() <= 2e-3 * expected.abs().max()
+    assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(model_dir)), expected, atol=1e-3)
+    assert "FROM ./tuned.gguf" in (out.parent / "Modelfile").read_text()
+    before = out.read_bytes()
+    capsys.readouterr()  # the GGUF loader's progress bars
+    assert main(["export", str(run_dir), str(out), "type=q8_0"]) == 2
+    assert "exists: pass overwrite=true" in one_line_error(capsys) and out.read_bytes() == before
+    assert main(["export", str(run_dir), str(out), "type=q8_0", "overwrite=true"]) == 0
+    assert out.stat().st_size < len(before)  # 8-bit blocks instead of 16-bit values
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left beside it
+
+
 def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_path, capsys, monkeypatch):
     from leanft.run import models
 
@@ -219,6 +241,9 @@ def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_
         (["merge", str(paca_run), str(out), "--dtype", "bfloat16"], "run leanft merge RUN OUT dtype=bfloat16"),
         (["merge", str(paca_run), str(out), "--dtype=float16"], "dtype=float16"),
         (["merge", str(paca_run), str(out), "format=peft-lora"], "leanft export RUN OUT format=peft-lora"),
+        (["export", str(paca_run), str(out / "m.gguf"), "type=q2_k"], "type must be one of f16, bf16, q8_0, q4_0"),
+        (["export", str(paca_run), str(out / "m.gguf"), "dtype=bfloat16"], "not dtype=: drop dtype=bfloat16"),
+        (["export", str(paca_run), str(tmp_path), "format=gguf"], "is a folder: pass a file name"),
     ]
     for args, message in cases:
         assert main(args) == 2, args

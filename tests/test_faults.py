@@ -179,13 +179,15 @@ def test_a_full_disk_while_a_checkpoint_saves_trainer_state_is_one_line(
     assert kept == [run_dir / "checkpoint-2"] and checkpoint_problem(kept[0]) is None
 
 
-def test_a_peft_lora_export_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data_file, small_disk,
-                                                                            tmp_path):
+@pytest.mark.parametrize("name, extra", [("adapter", ["format=peft-lora"]), ("tuned.gguf", [])])
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, data_file, small_disk, tmp_path,
+                                                                  name, extra):
+    """A peft LoRA adapter folder and a GGUF file (with its Modelfile) on a disk with 48 KiB left."""
     run_dir = tmp_path / "run"
     assert run(command(model_dir, data_file, run_dir, 1, "bf16=false")).returncode == 0  # a PaCA run
     free = shutil.disk_usage(small_disk).free
-    (small_disk / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # less is left than the adapter needs
-    out = small_disk / "adapter"
-    error = one_line_error(run([sys.executable, "-m", "leanft", "export", str(run_dir), str(out), "format=peft-lora"]))
+    (small_disk / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # less is left than the output needs
+    out = small_disk / name
+    error = one_line_error(run([sys.executable, "-m", "leanft", "export", str(run_dir), str(out), *extra]))
     assert "no space left" in error and not out.exists()
     assert not [path for path in small_disk.iterdir() if path.name != "filler"]  # no half-written temporary

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch: log once, from rank 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx"):
+    for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args, unknown = build_parser().parse_known_args(argv)
     try:

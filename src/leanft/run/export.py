@@ -1,15 +1,17 @@
-"""``leanft export RUN OUT [format=...] [dtype=...]`` (and ``leanft merge RUN OUT``, its ``format=hf``).
+"""``leanft export RUN OUT [format=...] [dtype=...] [type=...]`` (and ``leanft merge RUN OUT``, its ``format=hf``).
 
 One path for every format: the options, the output and the run are checked before any model loads; the run is
 loaded once; a format that wants a plain model gets the method's merge; the format writes into a temporary
-sibling of ``OUT`` that replaces it only once complete (``atomic_dir``), so a failure, a full disk included,
-never leaves a half-written or changed output. Each format is one ``ExportFormat`` in ``FORMATS``.
+sibling of ``OUT`` that replaces it only once complete (``atomic_dir``, or ``atomic_path`` for a one-file format),
+so a failure, a full disk included, never leaves a half-written or changed output. Each format is one
+``ExportFormat`` in ``FORMATS``.
 
 This module imports neither torch nor transformers at import time: ``leanft export --help`` lists its keys.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from leanft.core.errors import LeanftError
 from leanft.run.files import ADAPTER_DIR
+from leanft.run.gguf_export import GGUF_TYPES
 from leanft.run.methods import METHODS, method_spec
 from leanft.run.options import apply_items, doc
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from leanft.run.config import TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
+FULL_DISK_BYTES = 1024 * 1024  # a write that failed with less than this left on its disk failed for space
 
 
 @dataclass
@@ -34,9 +38,12 @@ class ExportOptions:
 
     format: str | None = doc(
         "what to write: hf (a merged model folder that AutoModelForCausalLM loads) | peft-lora (an adapter folder "
-        "that peft's PeftModel.from_pretrained loads onto the base; PaCA, S2FT and LoRA runs); null: hf",
+        "that peft's PeftModel.from_pretrained loads onto the base; PaCA, S2FT and LoRA runs) | gguf (one merged "
+        "GGUF file for llama.cpp and Ollama, an Ollama Modelfile beside it); null: gguf when OUT ends in .gguf, "
+        "else hf",
         None,
     )
+    type: str = doc("gguf: the tensor type, " + " | ".join(GGUF_TYPES) + " (norms and biases stay float32)", "f16")
     dtype: str = doc("dtype of the written weights (float32 | bfloat16 | float16), cast after merging", "float32")
     overwrite: bool = doc("replace a non-empty OUT", False)
     uniform_rank: bool = doc(
@@ -51,6 +58,8 @@ class ExportOptions:
             raise LeanftError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.dtype not in DTYPES:
             raise LeanftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.type not in GGUF_TYPES:
+            raise LeanftError(f"type must be one of {', '.join(GGUF_TYPES)}, got {self.type!r}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,8 @@ class ExportFormat:
 
     merged: bool  # the writer gets the method's merged, plain model (else the trained model as loaded)
     check: Callable[[ExportJob], None]  # refusals that need no model (after the options, the output, the run)
-    write: Callable[[ExportJob, nn.Module, object, Path], str]  # (job, model, tokenizer, folder) -> what it wrote
+    write: Callable[[ExportJob, nn.Module, object, Path], str]  # (job, model, tokenizer, target) -> what it wrote
+    file: bool = False  # OUT is one file (else a folder)
 
 
 def _dtype(job: ExportJob):
@@ -130,9 +140,50 @@ def _write_peft_lora(job: ExportJob, model: nn.Module, tokenizer, folder: Path) 
             f"PeftModel.from_pretrained(base, {str(job.out)!r}){note}")
 
 
+def _check_gguf(job: ExportJob) -> None:
+    """Refuse dtype= (GGUF takes type=), an existing Modelfile without overwrite, and a base GGUF cannot hold."""
+    from leanft.run.gguf_export import check_gguf_export
+    from leanft.run.ollama import modelfile_path
+
+    if job.options.dtype != "float32":
+        raise LeanftError(f"format=gguf writes type={job.options.type}, not dtype=: drop dtype={job.options.dtype}")
+    modelfile = modelfile_path(job.out)
+    if modelfile.exists() and not job.options.overwrite:
+        raise LeanftError(f"{modelfile} exists: pass overwrite=true or write the GGUF file into another folder")
+    check_gguf_export(_base_config(job.config.model), job.options.type)
+
+
+def _base_config(model_spec: str | None) -> dict:
+    """The base model's config as a dict, read without its weights (a GGUF file: its architecture field)."""
+    from leanft.run.gguf_export import source_gguf_for
+
+    source = source_gguf_for(model_spec)
+    if source is not None:
+        from gguf import GGUFReader
+
+        field = GGUFReader(source).fields["general.architecture"]
+        return {"model_type": bytes(field.parts[field.data[0]]).decode()}
+    from transformers import AutoConfig
+
+    from leanft.run.models import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(model_spec)).to_dict()
+
+
+def _write_gguf(job: ExportJob, model: nn.Module, tokenizer, path: Path) -> str:
+    """The merged model as one GGUF file at ``path``, then the Ollama Modelfile beside ``job.out``."""
+    from leanft.run.gguf_export import source_gguf_for, write_gguf
+    from leanft.run.ollama import write_modelfile
+
+    write_gguf(model, tokenizer, path, job.options.type, source_gguf_for(job.config.model))
+    modelfile = write_modelfile(job.out, tokenizer)
+    return f"GGUF file ({job.options.type}) written to {job.out}, Ollama Modelfile to {modelfile}"
+
+
 FORMATS: dict[str, ExportFormat] = {
     "hf": ExportFormat(merged=True, check=_no_check, write=_write_hf),
     "peft-lora": ExportFormat(merged=False, check=_check_peft_lora, write=_write_peft_lora),
+    "gguf": ExportFormat(merged=True, check=_check_gguf, write=_write_gguf, file=True),
 }
 
 
@@ -144,12 +195,18 @@ def refuse_old_spellings(command: str, overwrite: bool, dtype: str | None) -> No
         raise LeanftError(f"--overwrite is now a key: run leanft {command} RUN OUT overwrite=true")
 
 
-def check_output(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an output inside, around or equal to the run folder, a file, or a non-empty folder without
-    ``overwrite``."""
+def check_output(run_dir: Path, out: Path, overwrite: bool, file: bool = False) -> None:
+    """Refuse an output inside, around or equal to the run folder, a file where a folder is written (``file``:
+    a folder where a file is), or an existing output without ``overwrite`` (a folder: a non-empty one)."""
     run, target = run_dir.resolve(), out.resolve()
     if target == run or run in target.parents or target in run.parents:
         raise LeanftError(f"OUT {out} overlaps the run folder {run_dir}: choose a folder outside it")
+    if file:
+        if target.is_dir():
+            raise LeanftError(f"OUT {out} is a folder: pass a file name, e.g. {out / 'model.gguf'}")
+        if target.exists() and not overwrite:
+            raise LeanftError(f"{out} exists: pass overwrite=true or choose another file name")
+        return
     if target.exists() and not target.is_dir():
         raise LeanftError(f"OUT {out} is a file: pass a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -162,10 +219,10 @@ def prepare_export(run_dir: str | Path, out: str | Path, items: Sequence[str], c
     options = apply_items(ExportOptions(), items, command)
     options.validate()
     run_dir, out = Path(run_dir), Path(out)
-    name = options.format or "hf"
+    name = options.format or ("gguf" if out.suffix == ".gguf" else "hf")
     if command == "merge" and name != "hf":
         raise LeanftError(f"leanft merge writes format=hf: run leanft export RUN OUT format={name}")
-    check_output(run_dir, out, options.overwrite)
+    check_output(run_dir, out, options.overwrite, FORMATS[name].file)
     from leanft.run.rundir import run_config  # imports torch: only once the options and the output pass
 
     job = ExportJob(run_dir=run_dir, out=out, options=options, config=run_config(run_dir), format=name)
@@ -176,12 +233,17 @@ def prepare_export(run_dir: str | Path, out: str | Path, items: Sequence[str], c
 def run_export(job: ExportJob) -> str:
     """Load the run once, merge it where the format wants a plain model, write ``job.out`` atomically; returns the
     line(s) to print."""
-    from leanft.core.fileio import atomic_dir
+    from leanft.core.fileio import WRITE_ERRORS, atomic_dir, atomic_path, says_disk_full
     from leanft.run.rundir import load_run
 
     export_format = FORMATS[job.format]
     model, tokenizer, config = load_run(job.run_dir, device="cpu")
     if export_format.merged:
         model = method_spec(config.method).merge(model)  # merged in the run's precision, cast by the writer
-    with atomic_dir(job.out) as folder:
-        return export_format.write(job, model, tokenizer, folder)
+    try:
+        with (atomic_path if export_format.file else atomic_dir)(job.out) as target:
+            return export_format.write(job, model, tokenizer, target)
+    except WRITE_ERRORS as error:  # a writer that reports a full disk only as a short write (numpy's tofile)
+        if says_disk_full(error) or shutil.disk_usage(job.out.parent).free < FULL_DISK_BYTES:
+            raise LeanftError(f"no space left on the disk holding {job.out}: free some space and run again") from None
+        raise
