@@ -15,6 +15,7 @@ import yaml
 
 from leanft.core import choices
 from leanft.core.errors import LeanftError
+from leanft.run.dpo_config import DPOKeys, check_objective
 from leanft.run.dropbp_config import DropBPConfig
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
@@ -59,7 +60,8 @@ class TrainConfig:
     data: str = doc(
         "a .jsonl/.json/.parquet/.csv file of {instruction,input,output} or {messages} records, a save_to_disk "
         "folder, a hub dataset id, or a generated task: builtin:dates (= builtin, saturates fast) or builtin:arith "
-        "(multi-step word problems, worked answers, scored on the final number)",
+        "(multi-step word problems, worked answers, scored on the final number); objective=dpo: records of "
+        "{prompt, chosen, rejected} (strings, or chosen / rejected as message lists) or builtin:prefs-arith",
         "builtin",
     )
     eval_data: str | None = doc(
@@ -75,6 +77,11 @@ class TrainConfig:
         None,
     )
     streaming: bool = doc("read data while training instead of loading it all (data larger than memory)", False)
+    objective: str = doc(
+        "sft | dpo: supervised fine-tuning on answers, or preference tuning (DPO) on {prompt, chosen, rejected} "
+        "pairs (pip install leanft[trl]; the reference is the base model, with no second copy for paca, s2ft, lora)",
+        "sft",
+    )
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc(" | ".join(METHODS), "paca")
     r: int | None = doc(
@@ -153,6 +160,7 @@ class TrainConfig:
         None,
     )
     dropbp: DropBPConfig = doc("DropBP settings", factory=DropBPConfig)
+    dpo: DPOKeys = doc("preference-tuning settings (objective=dpo)", factory=DPOKeys)
     method_keys: dict = dataclasses.field(default_factory=dict, metadata={"hidden": True})  # NAME -> its keys
 
     def __post_init__(self) -> None:
@@ -259,6 +267,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.validate_data()
+        check_objective(self)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:

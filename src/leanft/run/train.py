@@ -136,9 +136,7 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     transformers.set_seed(config.seed)
     logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
-    logger.info("loading model %s; compute precision %s", config.model, config.precision())
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
-    method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
+    model, tokenizer = load_checked_model(config)
     if config.streaming:
         features, train_report = TokenizedStream(train_records, tokenizer, config.max_seq_len), {"streaming": True}
     else:
@@ -146,11 +144,24 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     eval_features, eval_report = tokenize_and_count(eval_records, tokenizer, config.max_seq_len)
     data_report = {"train": train_report, "heldout": eval_report}
     report_data_changes(data_report, config.max_seq_len)
-    if is_main_process():  # only now that every input is known good
+    open_run_dir(run_dir, config)
+    return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features, data_report)
+
+
+def load_checked_model(config: TrainConfig) -> tuple:
+    """(model, tokenizer) of a run, checked against its method before the run folder is touched."""
+    logger.info("loading model %s; compute precision %s", config.model, config.precision())
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
+    method_spec(config.method).check(model, config.method_settings())
+    return model, tokenizer
+
+
+def open_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Start the run folder (rank 0), only once every input is known good; with ``resume=true`` prepare it."""
+    if is_main_process():
         start_run_dir(run_dir, config)
         if config.resume:
             prepare_resume(run_dir)
-    return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features, data_report)
 
 
 def prepare_resume(run_dir: Path) -> None:
@@ -182,11 +193,7 @@ def build_trainer(
     inputs: RunInputs, config: TrainConfig, extra_callbacks: list
 ) -> tuple[LeanftTrainer, DropBP | None, dict]:
     """Attach the method and DropBP, and build the Trainer with leanft's callbacks; (trainer, controller, callbacks)."""
-    calibration = None
-    if config.method == "paca" and config.keys_of("paca").columns != "random":  # scored on the first batch
-        collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
-        calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
-                                next(inputs.model.parameters()).device)
+    calibration = calibration_batch(config, inputs.model, inputs.features, inputs.tokenizer.pad_token_id)
     prepared = prepare_model(inputs.model, config, calibration)
     model, controller = prepared.model, prepared.controller
     collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
@@ -197,11 +204,8 @@ def build_trainer(
         pad = inputs.tokenizer.pad_token_id
         named["curve"] = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
     if controller is not None:
-        device = next(model.parameters()).device
         allocation_collator = dataclasses.replace(collator)  # its batches are not training's: counted apart
-        named["dropbp"] = dropbp_callback(config, controller, inputs.features, allocation_collator, device)
-        if world_size() > 1 and not config.fsdp:
-            logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
+        add_dropbp_callback(named, config, controller, inputs.features, allocation_collator)
     trainer = LeanftTrainer(
         model=model,
         args=training_arguments(config, inputs.run_dir, controller is not None, collator.packing is not None),
@@ -219,6 +223,23 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, named
+
+
+def calibration_batch(config: TrainConfig, model, features, pad_token_id: int) -> dict | None:
+    """PaCA's data-aware columns (``paca.columns`` other than random) are scored on the first training batch of
+    ``features`` (supervised examples), as one padding-free row; None where nothing is scored."""
+    if config.method != "paca" or config.keys_of("paca").columns == "random":
+        return None
+    collator = Collator(pad_token_id, POSITIONS)  # one row, no padding in the scores
+    return on_device(collator(first_examples(features, config.batch_size)), next(model.parameters()).device)
+
+
+def add_dropbp_callback(named: dict, config: TrainConfig, controller: DropBP, features, collator) -> None:
+    """Add DropBP's callback (as ``named["dropbp"]``), its batches from ``features`` (supervised examples)."""
+    device = next(controller.model.parameters()).device
+    named["dropbp"] = dropbp_callback(config, controller, features, collator, device)
+    if world_size() > 1 and not config.fsdp:
+        logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
 
 
 def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator:
@@ -262,12 +283,10 @@ def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):
     return trainer.model
 
 
-def summarise(
-    inputs: RunInputs, config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict], wall: float
-) -> dict:
-    """The run's ``summary.json``; ``results`` are the held-out metrics (before, after)."""
-    before, after = results
-    curve, dropbp = named.get("curve"), named.get("dropbp")
+def run_report(config: TrainConfig, trainer, controller: DropBP | None, named: dict, wall: float) -> dict:
+    """What every run's summary reports first: method, learning rate, DropBP's settings and realised share, steps,
+    time, throughput and precision."""
+    dropbp = named.get("dropbp")
     return {
         "method": config.method,
         "lr": config.learning_rate(),
@@ -279,8 +298,19 @@ def summarise(
         "steps": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(named["log"].tokens_per_second(trainer.state), 1),
-        "padding_share": round(trainer.data_collator.padding_share(), 4),
         "precision": config.precision(),
+    }
+
+
+def summarise(
+    inputs: RunInputs, config: TrainConfig, trainer, controller, named: dict, results: tuple[dict, dict], wall: float
+) -> dict:
+    """The run's ``summary.json``; ``results`` are the held-out metrics (before, after)."""
+    before, after = results
+    curve = named.get("curve")
+    return {
+        **run_report(config, trainer, controller, named, wall),
+        "padding_share": round(trainer.data_collator.padding_share(), 4),
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "heldout_loss_before": before["loss"],
@@ -301,28 +331,37 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
     config.validate()
     init_distributed(config.ddp_timeout)
     with contextlib.ExitStack() as stack:
-        inputs = load_inputs(config, claim_run_dir(config, stack))
-        return run_training(inputs, config, callbacks or [], baseline)
+        run_dir = claim_run_dir(config, stack)
+        if config.objective == "dpo":  # preference tuning: its own data, trainer and report (leanft.run.dpo)
+            from leanft.run.dpo import train_preferences
+
+            return train_preferences(config, run_dir, callbacks or [])
+        return run_training(load_inputs(config, run_dir), config, callbacks or [], baseline)
+
+
+def fit(trainer, named: dict, config: TrainConfig, run_dir: Path) -> float:
+    """Train (from the last checkpoint with ``resume=true``); after a Ctrl-C, whose checkpoint the interrupt
+    callback saved, raise ``KeyboardInterrupt`` saying how to resume. Returns the training's wall time (s)."""
+    started = time.perf_counter()
+    resume_from = resume_checkpoint(run_dir)[0] if config.resume else None
+    try:
+        with checkpoint_globals(config.optimizer), varlen_sdpa(trainer.model):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        named["log"].close()
+    if named["interrupt"].interrupted:
+        raise KeyboardInterrupt(
+            f"interrupted at step {trainer.state.global_step}; checkpoint saved: continue with "
+            f"leanft train output_dir={run_dir} resume=true"
+        )
+    return time.perf_counter() - started
 
 
 def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None) -> dict:
     """Baseline, training, final save and evaluation of a run whose inputs are loaded; returns the summary."""
     before = evaluate_baseline(inputs, config, baseline)
     trainer, controller, named = build_trainer(inputs, config, callbacks)
-    started = time.perf_counter()
-    resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
-    try:
-        with checkpoint_globals(config.optimizer), varlen_sdpa(trainer.model):
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        named["log"].close()
-    wall = time.perf_counter() - started
-    if named["interrupt"].interrupted:
-        step = trainer.state.global_step
-        raise KeyboardInterrupt(
-            f"interrupted at step {step}; checkpoint saved: continue with "
-            f"leanft train output_dir={inputs.run_dir} resume=true"
-        )
+    wall = fit(trainer, named, config, inputs.run_dir)
     model = save_final(trainer, config, inputs.run_dir)
     if model is None:
         return {}
