@@ -118,7 +118,7 @@ def test_the_dpo_loss_at_step_zero_is_log_2(model_dir, prefs_file, tmp_path, met
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), rel=1e-4)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["preference_accuracy_before"] == 0.5 and summary["mean_margin_before"] == 0.0
-    assert summary["heldout_dpo_loss_before"] == pytest.approx(math.log(2), abs=1e-4)
+    assert summary["dpo_loss_before"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_a_tiny_run_raises_the_held_out_margin(model_dir, prefs_file, tmp_path, capsys):

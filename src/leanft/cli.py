@@ -99,6 +99,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return load_model_and_tokenizer(config.model, quantize=config.quantize)
     # the tasks, or the held-out data, are checked before any model loads
     tasks = load_tasks(options) if options.lm_eval is not None else None
+    if tasks is None and config.objective == "dpo":
+        raise LeanftError("leanft eval measures answers to instructions; a preference run's summary.json holds its "
+                          "held-out preference metrics: pass lm_eval=TASKS, or objective=sft data=... to score answers")
     records = load_records(config)[1] if tasks is None else None
     model, tokenizer = load()
     if tasks is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from leanft.core.errors import LeanftError
 from leanft.run.options import doc
+from leanft.run.tasks import builtin_task
 
 OBJECTIVES = ("sft", "dpo")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # TRL's DPO losses over one preference pair each
@@ -47,8 +48,6 @@ def check_objective(config) -> None:
     """Raise a LeanftError for an ``objective`` the run cannot train (``config``: a ``TrainConfig``)."""
     if config.objective not in OBJECTIVES:
         raise LeanftError(f"objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
-    from leanft.run.tasks import builtin_task
-
     task = builtin_task(config.data)
     wanted = task.objective if task is not None else None
     if config.objective == "dpo" and wanted == "sft":
