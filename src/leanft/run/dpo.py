@@ -10,7 +10,6 @@ ties counted half) and the mean margin, before and after (``leanft.run.dpo_eval`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ from leanft.run.train import (
     load_checked_model,
     open_run_dir,
     report_data_changes,
-    run_metrics,
     run_report,
     save_final,
+    trainer_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,15 +128,9 @@ def build_dpo_trainer(
         args=dpo_arguments(config, inputs.run_dir, controller is not None, precompute=view is None),
         train_dataset=datasets.Dataset.from_list(inputs.features),
         processing_class=inputs.tokenizer,
-        callbacks=[*named.values(), *extra_callbacks],
-        comm_hook=config.ddp_comm_hook,
-        powersgd_rank=config.powersgd_rank,
-        optimizer_name=config.optimizer,
-        method=config.method,
-        keep_checkpoints=config.save_total_limit,
-        extra_metrics=functools.partial(run_metrics, named["log"], controller),
+        **trainer_options(config, named, controller, extra_callbacks),
     )
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, named
 
 

@@ -211,9 +211,19 @@ def build_trainer(
         args=training_arguments(config, inputs.run_dir, controller is not None, collator.packing is not None),
         train_dataset=inputs.features,
         data_collator=collator,
-        callbacks=[*named.values(), *extra_callbacks],
         chunked_loss=config.chunked_loss and not config.fsdp,
         loss_kernel=config.loss_kernel,
+        **trainer_options(config, named, controller, extra_callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
+    return trainer, controller, named
+
+
+def trainer_options(config: TrainConfig, named: dict, controller: DropBP | None, extra_callbacks: list) -> dict:
+    """The ``LeanftTrainer`` keywords of every run: callbacks, DDP's communication hook, optimizer, the method's
+    checkpoints and their rotation, leanft's metrics in the logs."""
+    return dict(
+        callbacks=[*named.values(), *extra_callbacks],
         comm_hook=config.ddp_comm_hook,
         optimizer_name=config.optimizer,
         powersgd_rank=config.powersgd_rank,
@@ -221,8 +231,6 @@ def build_trainer(
         keep_checkpoints=config.save_total_limit,
         extra_metrics=functools.partial(run_metrics, named["log"], controller),
     )
-    trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
-    return trainer, controller, named
 
 
 def calibration_batch(config: TrainConfig, model, features, pad_token_id: int) -> dict | None:
