@@ -83,14 +83,17 @@ def test_the_reference_view_computes_exactly_the_untouched_base(method):
     torch.testing.assert_close(pair_logps(policy, pairs, tokenizer.pad_token_id), trained, rtol=0, atol=0)
 
 
-def test_a_reference_pass_between_forward_and_backward_leaves_the_gradients_alone():
-    """On the CPU PaCA keeps its columns written into W: a reference pass must not invalidate a pending backward,
-    and DropBP's pattern (recomputed under activation checkpointing) must survive it."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_reference_pass_between_forward_and_backward_leaves_the_gradients_alone(checkpointing):
+    """On the CPU PaCA keeps its columns written into W: a reference pass must not invalidate a pending backward
+    (whose saved W it would change), and DropBP's pattern (recomputed under activation checkpointing) must
+    survive it."""
     tokenizer = make_tiny_tokenizer()
     policy = leanft.apply_paca(tiny_llama_for(tokenizer), r=4)
     train_a_little(policy)  # the columns now differ from W's originals
     leanft.apply_dropbp(policy, drop_rate=0.5, seed=3)
-    policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(2))
     grads = []
