@@ -161,7 +161,7 @@ def test_ctrl_c_and_resume_give_the_uninterrupted_dpo_run(model_dir, prefs_file,
 BAD_RECORDS = [
     ({"prompt": "q", "chosen": "a"}, 'missing "rejected"'),
     ({"prompt": "q", "chosen": "a", "rejected": " "}, '"rejected" is empty'),
-    ({"prompt": "q", "chosen": "a", "rejected": 3}, "both strings or both lists"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "must both be strings or both lists"),
     ({"chosen": "a", "rejected": "b"}, 'missing "prompt"'),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, '"prompt" is empty'),
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
