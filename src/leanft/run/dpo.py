@@ -29,7 +29,7 @@ from leanft.run.dpo_trainer import LeanftDPOTrainer, dpo_arguments, reference_fo
 from leanft.run.files import BASELINE_FILE, SUMMARY_FILE
 from leanft.run.preferences import chosen_example, load_pairs, tokenize_pairs
 from leanft.run.prepare import prepare_model
-from leanft.run.train import (
+from leanft.run.run_parts import (
     add_dropbp_callback,
     calibration_batch,
     fit,

@@ -13,6 +13,7 @@ No method holds a second copy of the model.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import trl
@@ -43,14 +44,16 @@ def dpo_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool, precomput
     turns it off around reference passes and back on the same way. ``precompute``: the reference log-probs of the
     training pairs are computed before training (full fine-tuning).
     """
-    return trl.DPOConfig(
-        **training_argument_values(config, run_dir, dropbp_on, padding_free=False),
-        beta=config.dpo.beta,
-        loss_type=[config.dpo.loss_type],
-        max_length=config.max_seq_len,
-        precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=config.batch_size,
-        gradient_checkpointing=False,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        disable_dropout=True,
-    )
+    with warnings.catch_warnings():  # TRL's config has gradient_checkpointing on by default: leanft turns it off
+        warnings.filterwarnings("ignore", "`gradient_checkpointing", FutureWarning)
+        return trl.DPOConfig(
+            **training_argument_values(config, run_dir, dropbp_on, padding_free=False),
+            beta=config.dpo.beta,
+            loss_type=[config.dpo.loss_type],
+            max_length=config.max_seq_len,
+            precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=config.batch_size,
+            gradient_checkpointing=False,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            disable_dropout=True,
+        )
