@@ -15,7 +15,7 @@ import yaml
 
 from leanft.core import choices
 from leanft.core.errors import LeanftError
-from leanft.run.dpo_config import DPOKeys, check_objective
+from leanft.run.dpo_config import DPO_LR_DIVISOR, DPOKeys, check_objective
 from leanft.run.dropbp_config import DropBPConfig
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
@@ -93,7 +93,8 @@ class TrainConfig:
         "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
     )
     lr: float | None = doc(
-        "learning rate; default per method: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values()),
+        "learning rate; default per method: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
+        + f" (objective=dpo: a {DPO_LR_DIVISOR}th of that)",
         None,
     )
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
@@ -195,8 +196,10 @@ class TrainConfig:
                                    method_keys=copy.deepcopy(self.method_keys))  # fmt: skip
 
     def learning_rate(self) -> float:
-        """The configured learning rate, or the method's default."""
-        return self.lr if self.lr is not None else method_spec(self.method).default_lr
+        """The configured learning rate, or the method's default (a tenth of it for preference tuning)."""
+        if self.lr is not None:
+            return self.lr
+        return round(method_spec(self.method).default_lr / (DPO_LR_DIVISOR if self.objective == "dpo" else 1), 12)
 
     def uses_bf16(self) -> bool:
         """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device has it natively."""
