@@ -2,12 +2,13 @@
 reference is the policy with its columns switched off) against TRL's ``DPOTrainer`` with peft LoRA and a separate
 reference model, on the same pairs of ``builtin:prefs-arith``.
 
-    python -m leanft.studies.dpo_memory [model=default] [steps=4] [batch_size=8] [threads=0]
+    python -m leanft.studies.dpo_memory [model=default] [steps=4] [batch_size=8] [threads=0] [checkpointing=0]
 
 Each process imports torch, transformers, peft, TRL and datasets first; its peak is the resident-set high-water
 mark during training minus its resident set before the model was loaded (the CPU analogue of
 ``max_memory_allocated``, as ``leanft bench`` measures), with freed memory handed back to the OS at once
-(``bench_worker.release_freed_memory``). Prints one JSON line per case, then the ratio.
+(``bench_worker.release_freed_memory``). ``checkpointing=1`` turns activation checkpointing on in both (non-reentrant).
+Prints one JSON line per case, then the ratio.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _leanft_case(options: dict, folder: Path, peak: TrainingPeak) -> None:
 
     keys = [f"model={options['model']}", "objective=dpo", "data=builtin:prefs-arith", "method=paca", "bf16=false",
             f"max_steps={options['steps']}", f"batch_size={options['batch_size']}", "num_train=64", "num_eval=2",
-            "eval_steps=0", "save_steps=1000", f"output_dir={folder}"]  # fmt: skip
+            "eval_steps=0", "save_steps=1000", f"output_dir={folder}",
+            f"gradient_checkpointing={bool(options['checkpointing'])}"]  # fmt: skip
     train(load_config(None, keys), callbacks=[peak])
 
 
@@ -73,7 +75,8 @@ def _trl_case(options: dict, folder: Path, peak: TrainingPeak) -> None:
     args = trl.DPOConfig(
         output_dir=str(folder), max_steps=options["steps"], per_device_train_batch_size=options["batch_size"],
         learning_rate=3e-3, beta=0.1, max_length=256, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, disable_tqdm=True,
+        use_cpu=True, bf16=False, gradient_checkpointing=bool(options["checkpointing"]),
+        gradient_checkpointing_kwargs={"use_reentrant": False}, seed=0, disable_tqdm=True,
     )  # fmt: skip
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(
@@ -109,7 +112,7 @@ def measure(case: str, options: dict, queue) -> None:
 
 def parse(argv: list[str]) -> dict:
     """``key=value`` options over the defaults."""
-    options = {"model": "default", "steps": 4, "batch_size": 8, "threads": 0}
+    options = {"model": "default", "steps": 4, "batch_size": 8, "threads": 0, "checkpointing": 0}
     for item in argv:
         key, _, value = item.partition("=")
         if key not in options:
