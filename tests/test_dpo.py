@@ -223,3 +223,12 @@ def test_prefs_arith_is_verifiable_and_its_held_out_split_is_disjoint_and_fixed(
     assert not {r["prompt"] for r in train_records} & {r["prompt"] for r in held_out}
     assert prefs_arith_task(seed=0, n_train=10, n_eval=50)[1] == held_out
     assert not verify_preference({**held_out[0], "chosen": held_out[0]["rejected"]})
+
+
+def test_preference_tuning_defaults_to_a_tenth_of_the_methods_learning_rate(prefs_file):
+    for method in ("paca", "lora", "full", "s2ft"):
+        sft = load_config(None, [f"method={method}"])
+        dpo = load_config(None, [f"method={method}", "objective=dpo", f"data={prefs_file}"])
+        assert dpo.learning_rate() == pytest.approx(sft.learning_rate() / 10)
+        assert dpo.resolved().lr == dpo.learning_rate()  # recorded in the run folder as such
+    assert load_config(None, ["objective=dpo", f"data={prefs_file}", "lr=0.02"]).learning_rate() == 0.02
