@@ -79,7 +79,7 @@ class TrainConfig:
     streaming: bool = doc("read data while training instead of loading it all (data larger than memory)", False)
     objective: str = doc(
         "sft | dpo: supervised fine-tuning on answers, or preference tuning (DPO) on {prompt, chosen, rejected} "
-        "pairs (pip install leanft[trl]; the reference is the base model, with no second copy for paca, s2ft, lora)",
+        "pairs (pip install leanft[trl]; the reference is the base model, never a second copy of it)",
         "sft",
     )
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
