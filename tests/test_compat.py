@@ -91,6 +91,18 @@ def test_cpu_bf16_detection_and_the_donated_buffer_switch_exist():
     assert torch._functorch.config.donated_buffer is False
 
 
+def test_dpo_trainer_prepares_its_datasets_through_one_private_method():
+    trl = pytest.importorskip("trl")
+    assert parameters(trl.DPOTrainer._prepare_dataset) == ["self", "dataset", "processing_class", "args",
+                                                            "dataset_name"]
+    assert parameters(compat.PretokenizedPreferences._prepare_dataset) == parameters(trl.DPOTrainer._prepare_dataset)
+    assert "self._prepare_dataset(" in inspect.getsource(trl.DPOTrainer.__init__)
+    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0)  # reads leanft's columns
+    batch = collator([{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+
+
 def test_pyproject_lower_bounds_are_the_tested_versions():
     """Each pinned dependency's lower bound is the installed (tested) version's major.minor."""
     text = PYPROJECT.read_text()

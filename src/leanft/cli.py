@@ -49,11 +49,21 @@ def short_summary(summary: dict) -> str:
         return "n/a" if value is None else f"{value:.0%}"
 
     run_dir = summary["run_dir"]
+    if summary.get("objective") == "dpo":
+        quality = (f"held-out preference accuracy {share(summary['preference_accuracy_before'])} -> "
+                   f"{share(summary['preference_accuracy_after'])}, mean margin over the reference "
+                   f"{summary['mean_margin_before']:.3f} -> {summary['mean_margin_after']:.3f} nats, chosen answer "
+                   f"the more likely {share(summary['logprob_accuracy_before'])} -> "
+                   f"{share(summary['logprob_accuracy_after'])} ({summary['num_eval']} pairs)")
+    else:
+        quality = (f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}, "
+                   f"accuracy {share(summary['accuracy_before'])} -> {share(summary['accuracy_after'])} "
+                   f"({summary['num_eval']} examples)")
     return "\n".join([
-        f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}, accuracy "
-        f"{share(summary['accuracy_before'])} -> {share(summary['accuracy_after'])} ({summary['num_eval']} examples)",
+        quality,
         f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
-        f"{summary['method']}" + (f" + DropBP {summary['dropbp_rate']:g}" if summary["dropbp_rate"] else ""),
+        + ("DPO, " if summary.get("objective") == "dpo" else "") + summary["method"]
+        + (f" + DropBP {summary['dropbp_rate']:g}" if summary["dropbp_rate"] else ""),
         f"run folder: {run_dir} (summary.json, adapter/, metrics.jsonl, loss_curve.png)",
     ])
 
@@ -86,6 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return load_model_and_tokenizer(config.model, quantize=config.quantize)
     # the tasks, or the held-out data, are checked before any model loads
     tasks = load_tasks(options) if options.lm_eval is not None else None
+    if tasks is None and config.objective == "dpo":
+        raise LeanftError("leanft eval measures answers to instructions; a preference run's summary.json holds its "
+                          "held-out preference metrics: pass lm_eval=TASKS, or objective=sft data=... to score answers")
     records = load_records(config)[1] if tasks is None else None
     model, tokenizer = load()
     if tasks is not None:

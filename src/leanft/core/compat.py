@@ -1,4 +1,4 @@
-"""Every use of a private API of transformers, its Trainer, bitsandbytes or torch, in one place.
+"""Every use of a private API of transformers, its Trainer, TRL, bitsandbytes or torch, in one place.
 
 Each is pinned by a test (``tests/test_compat.py``) that fails when an installed version changes it, so an upgrade
 that breaks one shows up there, not as a wrong result somewhere else. pyproject's lower bounds are the versions the
@@ -53,6 +53,18 @@ class TrainerCheckpointHooks:
             self.checkpoint_failed(folder, error)
         if self.args.should_save:
             self.checkpoint_saved(folder)
+
+
+class PretokenizedPreferences:
+    """Mixin before ``trl.DPOTrainer``: datasets of pairs that leanft already tokenized go in as they are.
+
+    ``DPOTrainer._prepare_dataset`` (private) renders and tokenizes ``prompt`` / ``chosen`` / ``rejected`` itself;
+    leanft renders them as its supervised fine-tuning does, into the ``prompt_ids`` / ``chosen_ids`` /
+    ``rejected_ids`` columns that the trainer's collator reads.
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
 
 
 @contextlib.contextmanager

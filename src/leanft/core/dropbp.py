@@ -141,7 +141,7 @@ class DropBP:
         """
         if not self._active:
             return output
-        for key in ("loss", "logits"):
+        for key in ("loss", "logits", "log_probs"):  # log_probs: TRL's fused head (preference tuning)
             value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
             if isinstance(value, torch.Tensor) and not value.requires_grad:
                 anchored = value + torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)

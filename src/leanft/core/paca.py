@@ -182,7 +182,9 @@ def remove_paca(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def paca_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the model with the original weights (trained columns ignored) inside the block."""
+    """Inside the block the model computes exactly as its base did: every PaCA (and S2FT) layer uses its original
+    columns, trained ones ignored. No weight is written, so a backward still pending from a training forward before
+    the block stays valid (a preference-tuning reference pass runs between the two)."""
     modules = list(paca_modules(model).values())
     for module in modules:
         module.disabled = True

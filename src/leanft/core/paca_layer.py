@@ -96,6 +96,17 @@ class PacaLinear(nn.Module):
         """``W`` with the trained columns written in (a new tensor)."""
         return self.weight.detach().index_copy(1, self.paca_index, self.paca_weight.detach().to(self.weight.dtype))
 
+    def original_weight(self) -> torch.Tensor:
+        """The original ``W``: ``weight`` itself where it holds the original columns, else a copy with them.
+
+        ``weight`` is never written here, so a pending backward that saved it (a reference pass between a training
+        forward and its backward, as in preference tuning) still finds it unchanged.
+        """
+        original = self.paca_original.to(self.weight.dtype)
+        if torch.equal(self.weight.index_select(1, self.paca_index), original):
+            return self.weight
+        return self.weight.index_copy(1, self.paca_index, original)
+
     def write_columns(self, columns: torch.Tensor) -> None:
         """Make ``weight`` hold ``columns`` (out x r) at ``paca_index``, writing in place only if they differ."""
         with torch.no_grad():
@@ -116,10 +127,10 @@ class PacaLinear(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.weight.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.disabled or in_place_columns(x):  # see effective_weight
-            self.write_columns(self.paca_original if self.disabled else self.paca_weight)
         if self.disabled:
-            return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+            return F.linear(x.to(dtype), self.original_weight().to(dtype), bias)
+        if in_place_columns(x):  # see effective_weight
+            self.write_columns(self.paca_weight)
         with torch.autocast(device_type, enabled=False):
             return PacaMatmul.apply(
                 x.to(dtype), self.paca_weight.to(dtype), self.weight.to(dtype), self.paca_index, bias

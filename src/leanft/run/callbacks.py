@@ -87,13 +87,18 @@ class HeldoutCurveCallback(TrainerCallback):
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
         began = time.perf_counter()
-        loss = heldout_loss(kwargs["model"], self.features, self.pad_token_id)
+        values, logged = self.measure(kwargs["model"])
         point = {"step": state.global_step, "time_s": round(began - self.started - self.eval_seconds, 3)}
-        self.points.append({**point, "heldout_loss": loss})
+        self.points.append({**point, **values})
         self.eval_seconds += time.perf_counter() - began
         if state.is_world_process_zero:
             with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps({**point, "eval_loss": loss}) + "\n")
+                handle.write(json.dumps({**point, **logged}) + "\n")
+
+    def measure(self, model) -> tuple[dict, dict]:
+        """(the point's values, what ``metrics.jsonl`` records of them; ``eval_loss`` is plotted) for ``model``."""
+        loss = heldout_loss(model, self.features, self.pad_token_id)
+        return {"heldout_loss": loss}, {"eval_loss": loss}
 
     def loss_at(self, step: int) -> float | None:
         """The held-out loss measured at ``step`` in this run, or None."""

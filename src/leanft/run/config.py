@@ -15,6 +15,7 @@ import yaml
 
 from leanft.core import choices
 from leanft.core.errors import LeanftError
+from leanft.run.dpo_config import DPO_LR_DIVISOR, DPOKeys, check_objective
 from leanft.run.dropbp_config import DropBPConfig
 from leanft.run.files import RUN_CONFIG_FILE
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
@@ -60,7 +61,8 @@ class TrainConfig:
     data: str = doc(
         "a .jsonl/.json/.parquet/.csv file of {instruction,input,output} or {messages} records, a save_to_disk "
         "folder, a hub dataset id, or a generated task: builtin:dates (= builtin, saturates fast) or builtin:arith "
-        "(multi-step word problems, worked answers, scored on the final number)",
+        "(multi-step word problems, worked answers, scored on the final number); objective=dpo: records of "
+        "{prompt, chosen, rejected} (strings, or chosen / rejected as message lists) or builtin:prefs-arith",
         "builtin",
     )
     eval_data: str | None = doc(
@@ -76,6 +78,11 @@ class TrainConfig:
         None,
     )
     streaming: bool = doc("read data while training instead of loading it all (data larger than memory)", False)
+    objective: str = doc(
+        "sft | dpo: supervised fine-tuning on answers, or preference tuning (DPO) on {prompt, chosen, rejected} "
+        "pairs (pip install leanft[trl]; the reference is the base model, never a second copy of it)",
+        "sft",
+    )
     output_dir: str | None = doc("run folder; default: a new folder under runs/", None)
     method: str = doc(" | ".join(METHODS), "paca")
     r: int | None = doc(
@@ -87,7 +94,8 @@ class TrainConfig:
         "'all-linear', a regex, or comma-separated name suffixes", MethodSettings.target_modules
     )
     lr: float | None = doc(
-        "learning rate; default per method: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values()),
+        "learning rate; default per method: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
+        + f" (objective=dpo: a {DPO_LR_DIVISOR}th of that)",
         None,
     )
     lr_scheduler: str = doc("transformers scheduler name (cosine, linear, constant, ...)", "cosine")
@@ -154,6 +162,7 @@ class TrainConfig:
         None,
     )
     dropbp: DropBPConfig = doc("DropBP settings", factory=DropBPConfig)
+    dpo: DPOKeys = doc("preference-tuning settings (objective=dpo)", factory=DPOKeys)
     method_keys: dict = dataclasses.field(default_factory=dict, metadata={"hidden": True})  # NAME -> its keys
 
     def __post_init__(self) -> None:
@@ -184,8 +193,10 @@ class TrainConfig:
                                    method_keys=copy.deepcopy(self.method_keys))  # fmt: skip
 
     def learning_rate(self) -> float:
-        """The configured learning rate, or the method's default."""
-        return self.lr if self.lr is not None else method_spec(self.method).default_lr
+        """The configured learning rate, or the method's default (a tenth of it for preference tuning)."""
+        if self.lr is not None:
+            return self.lr
+        return round(method_spec(self.method).default_lr / (DPO_LR_DIVISOR if self.objective == "dpo" else 1), 12)
 
     def uses_bf16(self) -> bool:
         """bf16 compute (see ``core.precision``): on when asked, or with 'auto' where the device has it natively."""
@@ -256,6 +267,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise LeanftError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.validate_data()
+        check_objective(self)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise LeanftError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.eval_steps < 0:

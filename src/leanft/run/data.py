@@ -88,6 +88,14 @@ def _plain_segments(messages: list[dict[str, str]], generation_prompt: bool) -> 
     return segments[:-1] if segments and segments[-1] == ("\n\n", False) else segments
 
 
+def answer_and_rest(ids: list[int], eos: int) -> tuple[list[int], list[int]]:
+    """(an assistant reply's tokens up to and including the EOS, appended where the template emits none; the
+    tokens the template puts after the EOS)."""
+    if eos in ids:
+        return ids[: ids.index(eos) + 1], ids[ids.index(eos) + 1 :]
+    return ids + [eos], []
+
+
 def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None = None) -> Feature:
     """Tokenize one record into ``input_ids`` and ``labels`` (``-100`` on every non-assistant token).
 
@@ -103,7 +111,7 @@ def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, max_seq
             input_ids += ids
             labels += [IGNORE_INDEX] * len(ids)
             continue
-        learned, rest = (ids[: ids.index(eos) + 1], ids[ids.index(eos) + 1 :]) if eos in ids else (ids + [eos], [])
+        learned, rest = answer_and_rest(ids, eos)
         input_ids += learned + rest
         labels += learned + [IGNORE_INDEX] * len(rest)
     if max_seq_len is not None:

@@ -176,6 +176,20 @@ def _load(source: str, builder: str, split: str, streaming: bool, **kwargs):
         raise LeanftError(f"could not read {source}: {first_line}{hint}") from None
 
 
+def located_rows(source: str, split: str) -> list[tuple[str, dict]]:
+    """(where, row) of every row of ``source``: ``file:line`` for JSONL (read here), ``source row N`` otherwise."""
+    if Path(source).suffix == ".jsonl":
+        path = Path(source)
+        if not path.is_file():
+            raise LeanftError(f"data file {path} does not exist: check the path")
+        rows = [(f"{path.name}:{number}", row) for number, row in read_jsonl_rows(path)]
+    else:
+        rows = [(f"{source} row {number}", dict(row)) for number, row in enumerate(open_dataset(source, split))]
+    if not rows:
+        raise LeanftError(f"{source} holds no examples: add at least one record")
+    return rows
+
+
 def read_records(source: str, split: str, columns: dict[str, str]) -> list[Record]:
     """Every record of ``source`` (a JSONL file read here, anything else through ``datasets``)."""
     if Path(source).suffix == ".jsonl":
@@ -227,6 +241,12 @@ def load_records(config: TrainConfig) -> tuple[list[Record] | RecordStream, list
     held_out = held_out_records(config, columns)
     if held_out is not None:
         return records, held_out
+    return split_off_held_out(records, config)
+
+
+def split_off_held_out(records: list[Record], config: TrainConfig) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) records of ``data`` when no held-out data is given: 5% (at most ``num_eval``), drawn
+    with the run's seed."""
     if len(records) < 2:
         raise LeanftError(f"{config.data} has {len(records)} example: a held-out split needs at least 2")
     held = max(1, min(config.num_eval, len(records) // 20))

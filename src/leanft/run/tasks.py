@@ -3,6 +3,7 @@
 ``dates`` (also plain ``builtin``) rewrites dates as ``YYYY-MM-DD``: quick to learn, it saturates within a few
 dozen steps. ``arith`` is multi-step arithmetic word problems with a worked answer of one line per step; it
 keeps a held-out loss well above zero for longer, and its accuracy checks only the final answer.
+``prefs-arith`` (``leanft.run.pref_tasks``) is preference pairs for ``objective=dpo``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from leanft.core.errors import LeanftError
+from leanft.run.pref_tasks import prefs_arith_task
 
 Records = list[dict]
 Scorer = Callable[[str, str], bool]
@@ -27,6 +29,7 @@ class Task:
     generate: Callable[[int, int, int], tuple[Records, Records]]
     max_new_tokens: int
     correct: Scorer
+    objective: str = "sft"  # dpo: records of {prompt, chosen, rejected} (leanft.run.pref_tasks)
 
 
 def same_text(prediction: str, reference: str) -> bool:
@@ -226,6 +229,14 @@ TASKS = {
         generate=arith_task,
         max_new_tokens=60,
         correct=final_answer_match,
+    ),
+    "prefs-arith": Task(
+        name="prefs-arith",
+        description="preference pairs (objective=dpo): 'What is 37 + 48?', the right answer chosen, a slip rejected",
+        generate=prefs_arith_task,
+        max_new_tokens=8,
+        correct=same_text,
+        objective="dpo",
     ),
 }
 

@@ -9,83 +9,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
-import time
-from itertools import islice
 from pathlib import Path
 
-import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
-from leanft.core.autorate import AutoRate
-from leanft.core.callback import DropBPCallback, DropSchedule
-from leanft.core.distributed import (
-    init_distributed,
-    is_main_process,
-    run_on_main,
-    shard_for_trainer,
-    shared_atomic_dir,
-    world_size,
-)
-from leanft.core.dropbp import DropBP
+from leanft.core.distributed import init_distributed, is_main_process, run_on_main, shard_for_trainer
 from leanft.core.errors import LeanftError
-from leanft.core.fileio import atomic_dir, write_json
+from leanft.core.fileio import write_json
 from leanft.core.packed import POSITIONS, packed_attention_mode, varlen_sdpa
-from leanft.run.callbacks import (
-    HeldoutCurveCallback,
-    InterruptCallback,
-    RunLogCallback,
-    plot_loss_curve,
-    trim_metrics,
-)
+from leanft.run.callbacks import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
 from leanft.run.config import TrainConfig
 from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
 from leanft.run.evaluate import eval_settings, evaluate
-from leanft.run.files import ADAPTER_DIR, BASELINE_FILE, SUMMARY_FILE
-from leanft.run.methods import load_trained, method_spec
-from leanft.run.models import load_model_and_tokenizer
-from leanft.run.optimizers import checkpoint_globals
+from leanft.run.files import BASELINE_FILE, SUMMARY_FILE
 from leanft.run.prepare import prepare_model
-from leanft.run.rundir import (
-    RunFolderLock,
-    clear_newer_checkpoints,
-    prepare_run_dir,
-    resume_checkpoint,
-    start_run_dir,
+from leanft.run.run_parts import (
+    add_dropbp_callback,
+    calibration_batch,
+    fit,
+    load_checked_model,
+    open_run_dir,
+    report_data_changes,
+    save_final,
+    trainer_options,
 )
+from leanft.run.rundir import RunFolderLock, prepare_run_dir
 from leanft.run.sources import load_records
-from leanft.run.trainer import LeanftTrainer, TrainerSettings, training_arguments
+from leanft.run.trainer import LeanftTrainer, training_arguments
 from leanft.run.training_run import Run, RunCallbacks, RunInputs
 
 logger = logging.getLogger(__name__)
-
-
-def first_examples(features, count: int) -> list:
-    """The first ``count`` training examples (of a list or a stream)."""
-    return list(islice(features, count))
-
-
-def on_device(batch: dict, device) -> dict:
-    """``batch`` with its tensors on ``device``."""
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
-def dropbp_callback(config: TrainConfig, controller: DropBP, features: list, collator, device) -> DropBPCallback:
-    """The DropBP callback of a run: allocation on the first examples, schedule, automatic rate."""
-    settings = config.dropbp
-
-    def first(count: int) -> dict:
-        return on_device(collator(first_examples(features, count)), device)
-
-    auto = None
-    if settings.rate == "auto":
-        auto = AutoRate(settings.auto_threshold, settings.patterns_per_step, batch=first(config.batch_size))
-    schedule = DropSchedule(settings.warmup, settings.cooldown)
-    return DropBPCallback(controller, settings.allocate_at, first(settings.allocation_samples), schedule,
-                          settings.allocation, auto)
 
 
 def claim_run_dir(config: TrainConfig, stack: contextlib.ExitStack) -> Path:
@@ -98,29 +54,12 @@ def claim_run_dir(config: TrainConfig, stack: contextlib.ExitStack) -> Path:
     return run_on_main(claim)
 
 
-def report_data_changes(report: dict, max_seq_len: int) -> None:
-    """One log line per split that tokenization changed (examples dropped, answers cut, examples over a block)."""
-    for split, counts in report.items():
-        if "examples" not in counts:  # a stream: counted only as it is read
-            continue
-        changes = [f"{counts[key]} {text}" for key, text in (
-            ("dropped", "dropped (no answer token within max_seq_len)"),
-            ("truncated", "with the answer cut at max_seq_len"),
-            ("longer_than_a_block", "longer than a packed block"),
-        ) if counts[key]]
-        if changes:
-            logger.warning("%s data, %d examples: %s (max_seq_len=%d)", split, counts["examples"], "; ".join(changes),
-                           max_seq_len)
-
-
 def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     """Load data, model and tokenizer, tokenize; then (rank 0) start the run folder."""
     transformers.set_seed(config.seed)
     logger.info("run folder: %s", run_dir)
     train_records, eval_records = load_records(config)
-    logger.info("loading model %s; compute precision %s", config.model, config.precision())
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.base_dtype(), quantize=config.quantize)
-    method_spec(config.method).check(model, config.method_settings())  # before the run folder is touched
+    model, tokenizer = load_checked_model(config)
     if config.streaming:
         features, train_report = TokenizedStream(train_records, tokenizer, config.max_seq_len), {"streaming": True}
     else:
@@ -128,21 +67,8 @@ def load_inputs(config: TrainConfig, run_dir: Path) -> RunInputs:
     eval_features, eval_report = tokenize_and_count(eval_records, tokenizer, config.max_seq_len)
     data_report = {"train": train_report, "heldout": eval_report}
     report_data_changes(data_report, config.max_seq_len)
-    if is_main_process():  # only now that every input is known good
-        start_run_dir(run_dir, config)
-        if config.resume:
-            prepare_resume(run_dir)
+    open_run_dir(run_dir, config)
     return RunInputs(run_dir, model, tokenizer, features, eval_records, eval_features, data_report)
-
-
-def prepare_resume(run_dir: Path) -> None:
-    """Say which checkpoint the run resumes from and why it skipped newer ones; clear what it will redo."""
-    resume_from, skipped = resume_checkpoint(run_dir)
-    for reason in skipped:
-        logger.warning("skipping %s", reason)
-    logger.info("resuming from %s", resume_from)
-    clear_newer_checkpoints(run_dir, resume_from)
-    trim_metrics(run_dir, int(resume_from.name.rsplit("-", 1)[1]))
 
 
 def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None) -> dict:
@@ -163,11 +89,7 @@ def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None
 def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list) -> Run:
     """Set the model up (``prepare_model``: method, precision, compile, DropBP, checkpointing), then the Trainer with
     leanft's callbacks: the ``Run`` that training fills in."""
-    calibration = None
-    if config.method == "paca" and config.option_group("paca").columns != "random":  # scored on the first batch
-        collator = Collator(inputs.tokenizer.pad_token_id, POSITIONS)  # one row, no padding in the scores
-        calibration = on_device(collator(first_examples(inputs.features, config.batch_size)),
-                                next(inputs.model.parameters()).device)
+    calibration = calibration_batch(config, inputs.model, inputs.features, inputs.tokenizer.pad_token_id)
     prepared = prepare_model(inputs.model, config, calibration)
     model, controller = prepared.model, prepared.controller
     collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
@@ -178,19 +100,14 @@ def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list)
         pad = inputs.tokenizer.pad_token_id
         callbacks.curve = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
     if controller is not None:
-        device = next(model.parameters()).device
         allocation_collator = dataclasses.replace(collator)  # its batches are not training's: counted apart
-        callbacks.dropbp = dropbp_callback(config, controller, inputs.features, allocation_collator, device)
-        if world_size() > 1 and not config.fsdp:
-            logger.info("DropBP on: DDP runs with find_unused_parameters=True (dropped branches get no gradient)")
+        add_dropbp_callback(callbacks, config, controller, inputs.features, allocation_collator)
     trainer = LeanftTrainer(
         model=model,
         args=training_arguments(config, inputs.run_dir, controller is not None, collator.packing is not None),
         train_dataset=inputs.features,
         data_collator=collator,
-        callbacks=[*callbacks.all(), *extra_callbacks],
-        settings=TrainerSettings.from_config(config),
-        extra_metrics=functools.partial(run_metrics, callbacks.log, controller),
+        **trainer_options(config, callbacks, controller, extra_callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return Run(config, inputs, trainer, controller, callbacks)
@@ -213,30 +130,6 @@ def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator
     return Collator(pad_token_id, mode, mask_dtype=model.get_input_embeddings().weight.dtype)
 
 
-def run_metrics(run_log: RunLogCallback, controller: DropBP | None) -> dict[str, float]:
-    """What a run adds to the Trainer's logs: tokens/s, and with DropBP its realised skipped share and mean rate."""
-    metrics = {"tokens_per_s": round(run_log.tokens_per_second(run_log.state), 1)} if run_log.state else {}
-    if controller is not None:
-        metrics["dropbp_skipped_share"] = controller.realised_drop_fraction()
-        metrics["dropbp_mean_rate"] = sum(controller.rates) / len(controller.rates)
-    return metrics
-
-
-def save_final(trainer: LeanftTrainer, config: TrainConfig, run_dir: Path):
-    """Write the trained adapter or model; the model to evaluate on rank 0 (None on other ranks)."""
-    if config.fsdp:  # every rank joins the gathers of the shards, rank 0 writes and evaluates an unsharded copy
-        with shared_atomic_dir(run_dir / ADAPTER_DIR) as folder:
-            trainer.save_model(str(folder))
-        if not trainer.args.should_save:
-            return None
-        return load_trained(load_model_and_tokenizer(config.model)[0], config.method, run_dir / ADAPTER_DIR)
-    if not trainer.args.should_save:
-        return None
-    with atomic_dir(run_dir / ADAPTER_DIR) as folder:
-        method_spec(config.method).save(trainer.model, folder)
-    return trainer.model
-
-
 def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | None = None) -> dict:
     """Fine-tune as ``config`` says; returns the summary also written to ``summary.json`` (empty on other ranks).
 
@@ -246,8 +139,12 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
     config.validate()
     init_distributed(config.ddp_timeout)
     with contextlib.ExitStack() as stack:
-        inputs = load_inputs(config, claim_run_dir(config, stack))
-        return run_training(inputs, config, callbacks or [], baseline)
+        run_dir = claim_run_dir(config, stack)
+        if config.objective == "dpo":  # preference tuning: its own data, trainer and report (leanft.run.dpo)
+            from leanft.run.dpo import train_preferences
+
+            return train_preferences(config, run_dir, callbacks or [])
+        return run_training(load_inputs(config, run_dir), config, callbacks or [], baseline)
 
 
 def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None) -> dict:
@@ -255,20 +152,7 @@ def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseli
     before = evaluate_baseline(inputs, config, baseline)
     run = build_trainer(inputs, config, callbacks)
     run.before = before
-    started = time.perf_counter()
-    resume_from = resume_checkpoint(inputs.run_dir)[0] if config.resume else None
-    try:
-        with checkpoint_globals(config.optimizer), varlen_sdpa(run.trainer.model):
-            run.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        run.callbacks.log.close()
-    run.wall_s = time.perf_counter() - started
-    if run.interrupted:
-        step = run.trainer.state.global_step
-        raise KeyboardInterrupt(
-            f"interrupted at step {step}; checkpoint saved: continue with "
-            f"leanft train output_dir={inputs.run_dir} resume=true"
-        )
+    run.wall_s = fit(run.trainer, run.callbacks, config, inputs.run_dir)
     model = save_final(run.trainer, config, inputs.run_dir)
     if model is None:
         return {}

@@ -36,9 +36,10 @@ class TrainerSettings:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> TrainerSettings:
-        """The settings of a run of ``config`` (FSDP computes the plain loss)."""
-        return cls(config.chunked_loss and not config.fsdp, config.loss_kernel, config.method,
-                   config.save_total_limit, config.ddp_comm_hook, config.powersgd_rank, config.optimizer)
+        """The settings of a run of ``config`` (FSDP and preference tuning compute their own losses)."""
+        chunked = config.chunked_loss and not config.fsdp and config.objective == "sft"
+        return cls(chunked, config.loss_kernel, config.method, config.save_total_limit, config.ddp_comm_hook,
+                   config.powersgd_rank, config.optimizer)
 
 
 class LeanftTrainer(TrainerCheckpointHooks, Trainer):
@@ -138,9 +139,14 @@ def training_arguments(config: TrainConfig, run_dir: Path, dropbp_on: bool, padd
     With DropBP on, ``dropbp.patterns_per_step`` micro-batches make up each device's batch (each forward draws
     its own pattern); the examples of a step and the effective batch stay the same.
     """
+    return TrainingArguments(**training_argument_values(config, run_dir, dropbp_on, padding_free))
+
+
+def training_argument_values(config: TrainConfig, run_dir: Path, dropbp_on: bool, padding_free: bool) -> dict:
+    """The keywords of ``training_arguments`` (a ``TrainingArguments`` subclass, such as TRL's, takes them too)."""
     micro = config.dropbp.patterns_per_step if dropbp_on else 1
     bf16 = config.uses_bf16()
-    return TrainingArguments(
+    return dict(
         output_dir=str(run_dir),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size // micro,

@@ -70,20 +70,9 @@ class Run:
 
     def summary(self) -> dict:
         """The run's ``summary.json``."""
-        config, controller, trainer = self.config, self.controller, self.trainer
         return {
-            "method": config.method,
-            "lr": config.learning_rate(),
-            "dropbp_rate": controller.drop_rate if controller is not None else 0.0,
-            "dropbp_auto": self.dropbp_auto,
-            "dropbp_rates": controller.rates if controller is not None else None,
-            "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
-            "dropbp_skipped_share": controller.realised_drop_fraction() if controller is not None else 0.0,
-            "steps": trainer.state.global_step,
-            "wall_time_s": round(self.wall_s, 2),
-            "tokens_per_s": round(self.callbacks.log.tokens_per_second(trainer.state), 1),
-            "padding_share": round(trainer.data_collator.padding_share(), 4),
-            "precision": config.precision(),
+            **run_report(self.config, self.trainer, self.controller, self.callbacks, self.wall_s),
+            "padding_share": round(self.trainer.data_collator.padding_share(), 4),
             "accuracy_before": self.before["accuracy"],
             "accuracy_after": self.after["accuracy"],
             "heldout_loss_before": self.before["loss"],
@@ -93,3 +82,22 @@ class Run:
             "data": self.inputs.data_report,
             "run_dir": str(self.inputs.run_dir),
         }
+
+
+def run_report(config: TrainConfig, trainer, controller: DropBP | None, callbacks: RunCallbacks, wall: float) -> dict:
+    """What every run's summary reports first: method, learning rate, DropBP's settings and realised share, steps,
+    time, throughput and precision."""
+    dropbp = callbacks.dropbp
+    return {
+        "method": config.method,
+        "lr": config.learning_rate(),
+        "dropbp_rate": controller.drop_rate if controller is not None else 0.0,
+        "dropbp_auto": dropbp.auto_choice if dropbp is not None else None,
+        "dropbp_rates": controller.rates if controller is not None else None,
+        "dropbp_sensitivities": controller.sensitivities if controller is not None else None,
+        "dropbp_skipped_share": controller.realised_drop_fraction() if controller is not None else 0.0,
+        "steps": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(callbacks.log.tokens_per_second(trainer.state), 1),
+        "precision": config.precision(),
+    }

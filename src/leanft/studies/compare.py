@@ -97,6 +97,8 @@ def check_study(base: TrainConfig, names: Sequence[str]) -> None:
         raise LeanftError("allocated DropBP variants need dropbp.allocate_at (default 0.1); use *-uniform variants")
     if base.resume:
         raise LeanftError("leanft compare cannot resume: rerun it (overwrite=true replaces the study folder)")
+    if base.objective != "sft":
+        raise LeanftError("leanft compare compares supervised runs by held-out loss: drop objective=dpo")
 
 
 def prepare_study_dir(base: TrainConfig) -> Path:

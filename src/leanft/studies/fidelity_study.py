@@ -90,6 +90,8 @@ def parse_options(path: str | None, items: Sequence[str]) -> tuple[TrainConfig, 
     own, train_items = split_items(FidelityKeys, items)
     keys = apply_items(FidelityKeys(), own, "fidelity")
     config = load_config(path, train_items)
+    if config.objective != "sft":
+        raise LeanftError("leanft fidelity measures gradients of the supervised loss: drop objective=dpo")
     rows = config.batch_size
     patterns = (
         tuple(k for k in DEFAULT_PATTERNS if k <= rows)
