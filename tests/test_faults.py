@@ -191,3 +191,29 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(model_dir, da
     error = one_line_error(run([sys.executable, "-m", "leanft", "export", str(run_dir), str(out), *extra]))
     assert "no space left" in error and not out.exists()
     assert not [path for path in small_disk.iterdir() if path.name != "filler"]  # no half-written temporary
+
+
+def test_a_full_disk_while_the_final_adapter_saves_is_one_line(model_dir, data_file, small_disk, monkeypatch, capsys):
+    """The disk fills up as the run writes its final PaCA adapter (after its last checkpoint): one line, exit 2,
+    no half-written adapter folder, and the checkpoint to resume from stays whole."""
+    from leanft.cli import main
+    from leanft.core import paca
+    from leanft.run.rundir import checkpoint_problem, checkpoints
+
+    real_save = paca.save_file
+
+    def save(tensors, target, *args, **kwargs):
+        if "checkpoint-" not in str(target):  # the run's final adapter/ (its checkpoints were written before)
+            fill(small_disk)
+        return real_save(tensors, target, *args, **kwargs)
+
+    monkeypatch.setattr(paca, "save_file", save)
+    run_dir = small_disk / "run"
+    args = command(model_dir, data_file, run_dir, 1, "bf16=false")[3:]
+    args[args.index("save_steps=1")] = f"save_steps={STEPS}"
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("leanft: error:") and "no space left" in error, error
+    assert not (run_dir / "adapter").exists() and not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert [c.name for c in checkpoints(run_dir)] == [f"checkpoint-{STEPS}"]
+    assert checkpoint_problem(checkpoints(run_dir)[0]) is None
