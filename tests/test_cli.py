@@ -228,7 +228,8 @@ def test_report_to_tensorboard_logs_leanfts_metrics(model_dir, data_file, tmp_pa
 def test_help_and_bad_options_answer_without_importing_torch_transformers_or_peft():
     code = (
         "import sys\nfrom leanft.cli import main\n"
-        "for argv in (['--help'], ['train', '--help'], ['export', '--help']):\n"
+        "for argv in (['--help'], ['train', '--help'], ['export', '--help'], ['bench', '--help'],\n"
+        "             ['compare', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "codes = [main(['train', 'method=nope']), main(['train', 'max_steps=abc']), main(['train', '--foo']),\n"
         "         main(['export', 'run', 'out', 'format=onnx']), main(['merge', 'run', 'out', '--dtype', 'bf16'])]\n"
@@ -238,4 +239,5 @@ def test_help_and_bad_options_answer_without_importing_torch_transformers_or_pef
     assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] []", result.stderr[-2000:]
     assert "method must be one of" in result.stderr and "max_steps" in result.stderr
     assert "uniform_rank" in result.stdout and "format must be one of" in result.stderr  # export's keys, checked
+    assert "untimed_steps" in result.stdout and "budget_s" in result.stdout  # bench's and compare's keys
     assert "dtype=bf16" in result.stderr  # merge's old flag, answered with the new spelling

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from leanft.core.errors import LeanftError
-from leanft.core.precision import bf16_supported
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.options import apply_items, doc, split_config_path, split_items
 from leanft.studies.bench_report import Method, build_methods, parse_method_keys
-from leanft.studies.bench_worker import TINY_MODEL, Case
 from leanft.studies.variants import (
     EXAMPLES,
     parse_variants,
@@ -29,6 +28,11 @@ from leanft.studies.variants import (
     variant_overrides,
     variant_train_config,
 )
+
+if TYPE_CHECKING:
+    from leanft.studies.bench_worker import Case
+
+TINY_MODEL = "tiny"  # quick's model: bench_worker's small random Llama
 
 DEFAULT_MAX_LEN = "lora,full,paca,lora+dropbp-uniform:rate=0.5,paca+dropbp-uniform:rate=0.5"
 QUICK_MAX_LEN = "lora,paca,paca+dropbp-uniform:rate=0.5"
@@ -193,6 +197,9 @@ def _train_config(path: str | None, items: Sequence[str], quick: bool) -> TrainC
 def resolve(options: BenchOptions, config: TrainConfig) -> BenchPlan:
     """Check every option and fill the defaults that depend on the device and ``quick``."""
     import torch
+
+    from leanft.core.precision import bf16_supported
+    from leanft.studies.bench_worker import Case
 
     _check_numbers(options)
     budget = None if options.mem_budget == "auto" else parse_bytes(options.mem_budget)

@@ -23,7 +23,6 @@ from leanft.core.fileio import atomic_path, write_json
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.files import BASELINE_FILE, METRICS_FILE
 from leanft.run.options import apply_items, doc, split_config_path, split_items
-from leanft.run.rundir import default_output_dir, fresh_output_dir
 from leanft.studies.compare_report import plot_curves, render_table, time_to_quality
 from leanft.studies.variants import (
     EXAMPLES,
@@ -103,6 +102,8 @@ def check_study(base: TrainConfig, names: Sequence[str]) -> None:
 
 def prepare_study_dir(base: TrainConfig) -> Path:
     """The study folder: new, or emptied with ``overwrite=true``; never a finished study overwritten silently."""
+    from leanft.run.rundir import default_output_dir, fresh_output_dir  # imports torch: not for --help
+
     if base.output_dir is None:
         return default_output_dir("compare")
     folder = Path(base.output_dir)
