@@ -21,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from leanft.core.distributed import is_main_process
 from leanft.core.fileio import write_json
+from leanft.run import run_parts as parts
 from leanft.run.callbacks import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
 from leanft.run.config import TrainConfig
 from leanft.run.data import Collator
@@ -29,16 +30,6 @@ from leanft.run.dpo_trainer import LeanftDPOTrainer, dpo_arguments, reference_fo
 from leanft.run.files import BASELINE_FILE, SUMMARY_FILE
 from leanft.run.preferences import chosen_example, load_pairs, tokenize_pairs
 from leanft.run.prepare import prepare_model
-from leanft.run.run_parts import (
-    add_dropbp_callback,
-    calibration_batch,
-    fit,
-    load_checked_model,
-    open_run_dir,
-    report_data_changes,
-    save_final,
-    trainer_options,
-)
 from leanft.run.training_run import RunCallbacks, run_report
 
 logger = logging.getLogger(__name__)
@@ -64,12 +55,12 @@ def load_preference_inputs(config: TrainConfig, run_dir: Path) -> PreferenceInpu
     transformers.set_seed(config.seed)
     logger.info("run folder: %s", run_dir)
     train_pairs, eval_pairs = load_pairs(config)
-    model, tokenizer = load_checked_model(config)
+    model, tokenizer = parts.load_checked_model(config)
     features, train_report = tokenize_pairs(train_pairs, tokenizer, config.max_seq_len)
     eval_features, eval_report = tokenize_pairs(eval_pairs, tokenizer, config.max_seq_len)
     data_report = {"train": train_report, "heldout": eval_report}
-    report_data_changes(data_report, config.max_seq_len)
-    open_run_dir(run_dir, config)
+    parts.report_data_changes(data_report, config.max_seq_len)
+    parts.open_run_dir(run_dir, config)
     return PreferenceInputs(run_dir, model, tokenizer, features, eval_features, data_report)
 
 
@@ -113,14 +104,14 @@ def build_dpo_trainer(
 
     pad = inputs.tokenizer.pad_token_id
     examples = [chosen_example(f) for f in inputs.features[: max(config.batch_size, config.dropbp.allocation_samples)]]
-    prepared = prepare_model(inputs.model, config, calibration_batch(config, inputs.model, examples, pad))
+    prepared = prepare_model(inputs.model, config, parts.calibration_batch(config, inputs.model, examples, pad))
     model, controller = prepared.model, prepared.controller
     run_callbacks = RunCallbacks(RunLogCallback(inputs.run_dir), InterruptCallback())
     if config.eval_steps and reference is not None:
         run_callbacks.curve = PreferenceCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps,
                                                  reference, config.dpo.beta)  # fmt: skip
     if controller is not None:
-        add_dropbp_callback(run_callbacks, config, controller, examples, Collator(pad))
+        parts.add_dropbp_callback(run_callbacks, config, controller, examples, Collator(pad))
     view = reference_for(model)
     trainer = LeanftDPOTrainer(
         model=model,
@@ -128,7 +119,7 @@ def build_dpo_trainer(
         args=dpo_arguments(config, inputs.run_dir, controller is not None, precompute=view is None),
         train_dataset=datasets.Dataset.from_list(inputs.features),
         processing_class=inputs.tokenizer,
-        **trainer_options(config, run_callbacks, controller, extra_callbacks),
+        **parts.trainer_options(config, run_callbacks, controller, extra_callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # the run log and its progress bar show the losses instead
     return trainer, controller, run_callbacks
@@ -159,8 +150,8 @@ def train_preferences(config: TrainConfig, run_dir: Path, callbacks: list) -> di
     inputs = load_preference_inputs(config, run_dir)
     reference, before = reference_logps(inputs, config)
     trainer, controller, run_callbacks = build_dpo_trainer(inputs, config, callbacks, reference)
-    wall = fit(trainer, run_callbacks, config, inputs.run_dir)
-    model = save_final(trainer, config, inputs.run_dir)
+    wall = parts.fit(trainer, run_callbacks, config, inputs.run_dir)
+    model = parts.save_final(trainer, config, inputs.run_dir)
     if model is None:
         return {}
     logps = pair_logps(model, inputs.eval_features, inputs.tokenizer.pad_token_id)
