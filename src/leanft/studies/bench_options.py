@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from leanft.core.errors import LeanftError
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.options import apply_items, doc, split_config_path, split_items
-from leanft.studies.bench_report import Method, build_methods, parse_method_keys
+from leanft.studies.bench_report import TINY_MODEL, Method, build_methods, parse_method_keys
 from leanft.studies.variants import (
     EXAMPLES,
     parse_variants,
@@ -32,7 +32,6 @@ from leanft.studies.variants import (
 if TYPE_CHECKING:
     from leanft.studies.bench_worker import Case
 
-TINY_MODEL = "tiny"  # quick's model: bench_worker's small random Llama
 
 DEFAULT_MAX_LEN = "lora,full,paca,lora+dropbp-uniform:rate=0.5,paca+dropbp-uniform:rate=0.5"
 QUICK_MAX_LEN = "lora,paca,paca+dropbp-uniform:rate=0.5"

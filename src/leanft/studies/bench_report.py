@@ -27,6 +27,7 @@ def _labels() -> tuple[dict[str, str], dict[str, str]]:
 
 BASE_LABELS, SHORT_LABELS = _labels()
 BASELINE = "lora"
+TINY_MODEL = "tiny"  # quick's model spec: bench_worker's small random Llama
 PEER = "lora:bf16=false"  # peft LoRA in float32, as a user gets it from peft + transformers with no dtype set
 MIB = 1024 * 1024
 OPTIMIZER_LABELS = {"adamw": "", "apollo": " + APOLLO", "apollo-mini": " + APOLLO-Mini"}

@@ -30,7 +30,7 @@ from leanft.run import models
 from leanft.run.config import TrainConfig
 from leanft.run.optimizers import build_optimizer, state_bytes
 from leanft.run.prepare import prepare_model
-from leanft.studies.bench_options import TINY_MODEL
+from leanft.studies.bench_report import TINY_MODEL
 from leanft.studies.memory import SavedTensorMeter
 
 TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embeddings, grouped KV heads)
