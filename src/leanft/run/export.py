@@ -11,7 +11,6 @@ This module imports neither torch nor transformers at import time: ``leanft expo
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
     from leanft.run.config import TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-FULL_DISK_BYTES = 1024 * 1024  # a write that failed with less than this left on its disk failed for space
 
 
 @dataclass
@@ -233,8 +231,8 @@ def prepare_export(run_dir: str | Path, out: str | Path, items: Sequence[str], c
 def run_export(job: ExportJob) -> str:
     """Load the run once, merge it where the format wants a plain model, write ``job.out`` atomically; returns the
     line(s) to print."""
-    from leanft.core.fileio import WRITE_ERRORS, atomic_dir, atomic_path, says_disk_full
-    from leanft.run.rundir import load_run
+    from leanft.core.fileio import WRITE_ERRORS, atomic_dir, atomic_path
+    from leanft.run.rundir import disk_is_full, load_run
 
     export_format = FORMATS[job.format]
     model, tokenizer, config = load_run(job.run_dir, device="cpu")
@@ -244,6 +242,6 @@ def run_export(job: ExportJob) -> str:
         with (atomic_path if export_format.file else atomic_dir)(job.out) as target:
             return export_format.write(job, model, tokenizer, target)
     except WRITE_ERRORS as error:  # a writer that reports a full disk only as a short write (numpy's tofile)
-        if says_disk_full(error) or shutil.disk_usage(job.out.parent).free < FULL_DISK_BYTES:
+        if disk_is_full(job.out.parent, error):
             raise LeanftError(f"no space left on the disk holding {job.out}: free some space and run again") from None
         raise
