@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     import torch
     import transformers
 
-    from leanft.run.evaluate import eval_options, generate_answers, match_rate, reference_pairs
+    from leanft.run.evaluate import eval_settings, generate_answers, match_rate, reference_pairs
     from leanft.run.gguf_export import save_gguf, source_gguf_for
     from leanft.run.methods import method_spec
     from leanft.run.rundir import load_run
@@ -49,11 +49,11 @@ def main(argv: list[str]) -> int:
     model, tokenizer, config = load_run(args.run_dir, device="cpu")
     merged = method_spec(config.method).merge(model).to(torch.float32).eval()
     prompts, references = reference_pairs(unseen_records(config, args.prompts))
-    options = eval_options(config)
-    answer = lambda m, t: generate_answers(m, t, prompts, max_new_tokens=options["max_new_tokens"])  # noqa: E731
+    settings = eval_settings(config)
+    answer = lambda m, t: generate_answers(m, t, prompts, max_new_tokens=settings.max_new_tokens)  # noqa: E731
     expected = answer(merged, tokenizer)
     print(json.dumps({"model": "merged", "prompts": len(prompts),
-                      "accuracy": match_rate(expected, references, options["correct"])}), flush=True)  # fmt: skip
+                      "accuracy": match_rate(expected, references, settings.correct)}), flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         for gguf_type in args.types:
             started = time.perf_counter()
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps({
                 "model": f"gguf {gguf_type}", "export_s": round(seconds, 1), "mib": path.stat().st_size >> 20,
                 "same_answer": sum(a == b for a, b in zip(got, expected, strict=True)), "prompts": len(prompts),
-                "accuracy": match_rate(got, references, options["correct"]),
+                "accuracy": match_rate(got, references, settings.correct),
             }), flush=True)  # fmt: skip
     return 0
 
