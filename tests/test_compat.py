@@ -111,3 +111,31 @@ def test_pyproject_lower_bounds_are_the_tested_versions():
         assert bound, package
         installed = importlib.metadata.version(package).split("+")[0]
         assert installed.split(".")[:2] == bound.group(1).split(".")[:2], (package, installed, bound.group(1))
+
+
+def _fused_log_probs_and_grad(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], fused_lm_head=True)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    return out.log_probs.detach(), model.lm_head.weight.grad.clone()
+
+
+def test_smaller_trl_logprob_tiles_give_the_same_log_probs_and_gradients(batch):
+    trl = pytest.importorskip("trl")
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    model = tiny_model("llama")
+    trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    expected, expected_grad = _fused_log_probs_and_grad(model, batch)
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    plain = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None].clamp(min=0))[..., 0]
+    mask = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(expected[mask], plain[mask].detach(), rtol=1e-5, atol=1e-5)
+    defaults = (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    with compat.trl_logprob_tiles(tokens=5, vocab=7):  # many tiles, ragged at both edges
+        assert (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE) == (5, 7)
+        tiled, tiled_grad = _fused_log_probs_and_grad(model, batch)
+    assert (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE) == defaults
+    torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiled_grad, expected_grad, rtol=1e-5, atol=1e-6)

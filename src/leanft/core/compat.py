@@ -68,6 +68,31 @@ class PretokenizedPreferences:
 
 
 @contextlib.contextmanager
+def trl_logprob_tiles(tokens: int, vocab: int) -> Iterator[None]:
+    """Inside the block, TRL's fused LM head works in tiles of ``tokens`` x ``vocab`` logits.
+
+    TRL 1.x projects ``TOKEN_CHUNK_SIZE`` (4096) tokens by ``_CHUNKED_LOGPROB_CHUNK_SIZE`` (32768) vocabulary rows
+    at a time, both module constants read at call time (forward and backward). On devices without Triton it folds
+    each tile with plain torch ops, which make several tile-sized temporaries: up to 0.5 GiB each in fp32, more
+    than a small model's whole activations. Smaller tiles give the same log-probs with a fraction of that memory.
+    Where an installed TRL lacks either constant, nothing changes.
+    """
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    places = [(chunked_logprob, "TOKEN_CHUNK_SIZE", tokens), (utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", vocab)]
+    places = [place for place in places if hasattr(place[0], place[1])]
+    saved = [getattr(module, name) for module, name, _ in places]
+    for module, name, value in places:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name, _), value in zip(places, saved, strict=True):
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def accepted_as_adapter(model: nn.Module, has_adapter: bool) -> Iterator[None]:
     """Inside the block, ``transformers.Trainer`` accepts the quantized ``model`` when ``has_adapter`` (QPaCA).
 

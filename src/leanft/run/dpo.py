@@ -9,6 +9,7 @@ ties counted half) and the mean margin, before and after (``leanft.run.dpo_eval`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
+from leanft.core.compat import trl_logprob_tiles
 from leanft.core.distributed import is_main_process
 from leanft.core.fileio import write_json
 from leanft.run import run_parts as parts
@@ -144,13 +146,22 @@ def preference_summary(inputs: PreferenceInputs, config: TrainConfig, run: tuple
     }
 
 
+def head_tiles(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """On the CPU, TRL's fused LM head in tiles of 512 tokens x 4096 vocabulary rows instead of 4096 x 32768: the
+    same log-probs, and on SmolLM2-135M 0.54x the peak memory of a DPO step of 8 pairs (TRL's torch fallback makes
+    several tile-sized temporaries). Its Triton kernel on a GPU keeps TRL's tiles."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return trl_logprob_tiles(tokens=512, vocab=4096) if on_cpu else contextlib.nullcontext()
+
+
 def train_preferences(config: TrainConfig, run_dir: Path, callbacks: list) -> dict:
     """Preference-tune as ``config`` says (``objective=dpo``) into ``run_dir``; returns the summary (empty on
     other ranks), also written to ``summary.json``."""
     inputs = load_preference_inputs(config, run_dir)
     reference, before = reference_logps(inputs, config)
-    trainer, controller, run_callbacks = build_dpo_trainer(inputs, config, callbacks, reference)
-    wall = parts.fit(trainer, run_callbacks, config, inputs.run_dir)
+    with head_tiles(inputs.model):
+        trainer, controller, run_callbacks = build_dpo_trainer(inputs, config, callbacks, reference)
+        wall = parts.fit(trainer, run_callbacks, config, inputs.run_dir)
     model = parts.save_final(trainer, config, inputs.run_dir)
     if model is None:
         return {}
