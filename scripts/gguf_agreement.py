@@ -4,7 +4,9 @@
 
 Merges the run, exports it with ``save_gguf`` (from the run's GGUF base when it has one), loads each file back
 through transformers' GGUF loader (model and tokenizer), and prints one JSON line per type: how many prompts
-get the same greedy answer as the merged model, and the accuracy of both on the run's scorer. The prompts are
+get the same greedy answer as the merged model, the accuracy of both on the run's scorer, and the largest logit
+difference on the first prompts from the merged model with its weights rounded to the file's type (f16 and bf16;
+for q8_0 / q4_0 the difference from the f16-rounded model). The prompts are
 the run's held-out records, topped up (for a built-in task) with further generated records it did not train on.
 """
 
@@ -18,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+LOGIT_PROMPTS = 8
+
 
 def unseen_records(config, count: int) -> list[dict]:
     """``count`` records the run did not train on: its held-out ones, then (built-in tasks) newly generated ones."""
@@ -28,6 +32,27 @@ def unseen_records(config, count: int) -> list[dict]:
     more_train, more_held = load_records(dataclasses.replace(config, num_train=config.num_train + count))
     fresh = [record for record in held + more_held + more_train if json.dumps(record, sort_keys=True) not in seen]
     return list({json.dumps(r, sort_keys=True): r for r in fresh}.values())[:count]
+
+
+def prompt_logits(model, tokenizer, prompts: list[str]) -> list:
+    """The logits of each rendered prompt, one prompt at a time (no padding)."""
+    import torch
+
+    from leanft.run.data import render_prompt
+
+    with torch.no_grad():
+        return [model(**tokenizer(render_prompt(tokenizer, p), add_special_tokens=False, return_tensors="pt")).logits
+                for p in prompts]  # fmt: skip
+
+
+def rounded(model, gguf_type: str):
+    """A copy of ``model`` with its weights rounded to ``gguf_type``'s float type (f16 for the quantized types)."""
+    import copy
+
+    import torch
+
+    dtype = torch.bfloat16 if gguf_type == "bf16" else torch.float16
+    return copy.deepcopy(model).to(dtype).to(torch.float32)
 
 
 def main(argv: list[str]) -> int:
@@ -64,9 +89,14 @@ def main(argv: list[str]) -> int:
                 folder, gguf_file=path.name, dtype=torch.float32,
                 quantization_config=transformers.GgufConfig(dequantize=True),
             ).eval()  # fmt: skip
-            got = answer(back, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=path.name))
+            back_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+            got = answer(back, back_tokenizer)
+            pairs = zip(prompt_logits(back, back_tokenizer, prompts[:LOGIT_PROMPTS]),
+                        prompt_logits(rounded(merged, gguf_type), tokenizer, prompts[:LOGIT_PROMPTS]), strict=True)
+            logit_diff = max(float((a - b).abs().max()) for a, b in pairs)  # fmt: skip
             print(json.dumps({
                 "model": f"gguf {gguf_type}", "export_s": round(seconds, 1), "mib": path.stat().st_size >> 20,
+                "max_logit_diff": round(logit_diff, 5),
                 "same_answer": sum(a == b for a, b in zip(got, expected, strict=True)), "prompts": len(prompts),
                 "accuracy": match_rate(got, references, settings.correct),
             }), flush=True)  # fmt: skip

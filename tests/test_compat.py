@@ -136,6 +136,6 @@ def test_smaller_trl_logprob_tiles_give_the_same_log_probs_and_gradients(batch):
     with compat.trl_logprob_tiles(tokens=5, vocab=7):  # many tiles, ragged at both edges
         assert (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE) == (5, 7)
         tiled, tiled_grad = _fused_log_probs_and_grad(model, batch)
-    assert (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE) == defaults
+    assert defaults == (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
     torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tiled_grad, expected_grad, rtol=1e-5, atol=1e-6)

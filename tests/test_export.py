@@ -5,8 +5,10 @@ a LoRA run's adapter as trained, format=hf as ``leanft merge``, and bad input re
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import peft
 import pytest
@@ -208,6 +210,18 @@ def test_export_gguf_loads_in_transformers_with_the_merged_models_logits(runs, m
     assert main(["export", str(run_dir), str(out), "type=q8_0", "overwrite=true"]) == 0
     assert out.stat().st_size < len(before)  # 8-bit blocks instead of 16-bit values
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left beside it
+
+
+def test_gguf_agreement_script_compares_a_runs_exports_with_its_merged_model(runs, capsys):
+    """``scripts/gguf_agreement.py`` (the README's check of an exported run) runs on a run folder."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gguf_agreement.py"
+    spec = importlib.util.spec_from_file_location("gguf_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(runs("paca")), "f16", "q8_0", "--prompts", "2"]) == 0
+    merged, f16, q8_0 = (json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    assert merged["prompts"] == f16["prompts"] == 2 and f16["same_answer"] == 2
+    assert f16["max_logit_diff"] < 1e-3 and q8_0["max_logit_diff"] > 1e-6  # f16 is the rounded model, q8_0 is not
 
 
 def test_bad_export_input_is_one_line_and_nothing_loads_or_is_written(runs, tmp_path, capsys, monkeypatch):
