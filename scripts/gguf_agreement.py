@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -45,13 +46,12 @@ def prompt_logits(model, tokenizer, prompts: list[str]) -> list:
                 for p in prompts]  # fmt: skip
 
 
-def rounded(model, gguf_type: str):
-    """A copy of ``model`` with its weights rounded to ``gguf_type``'s float type (f16 for the quantized types)."""
+def rounded(model, dtype):
+    """A float32 copy of ``model`` with its weights rounded to ``dtype``."""
     import copy
 
     import torch
 
-    dtype = torch.bfloat16 if gguf_type == "bf16" else torch.float16
     return copy.deepcopy(model).to(dtype).to(torch.float32)
 
 
@@ -77,6 +77,10 @@ def main(argv: list[str]) -> int:
     settings = eval_settings(config)
     answer = lambda m, t: generate_answers(m, t, prompts, max_new_tokens=settings.max_new_tokens)  # noqa: E731
     expected = answer(merged, tokenizer)
+    logit_prompts = prompts[:LOGIT_PROMPTS]
+    # The merged model's logits with its weights rounded as a file type stores them (f16 for the quantized types),
+    # once per rounding: f16 and q8_0 compare with the same ones.
+    rounded_logits = functools.cache(lambda dtype: prompt_logits(rounded(merged, dtype), tokenizer, logit_prompts))
     print(json.dumps({"model": "merged", "prompts": len(prompts),
                       "accuracy": match_rate(expected, references, settings.correct)}), flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -91,8 +95,8 @@ def main(argv: list[str]) -> int:
             ).eval()  # fmt: skip
             back_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
             got = answer(back, back_tokenizer)
-            pairs = zip(prompt_logits(back, back_tokenizer, prompts[:LOGIT_PROMPTS]),
-                        prompt_logits(rounded(merged, gguf_type), tokenizer, prompts[:LOGIT_PROMPTS]), strict=True)
+            rounding = torch.bfloat16 if gguf_type == "bf16" else torch.float16
+            pairs = zip(prompt_logits(back, back_tokenizer, logit_prompts), rounded_logits(rounding), strict=True)
             logit_diff = max(float((a - b).abs().max()) for a, b in pairs)  # fmt: skip
             print(json.dumps({
                 "model": f"gguf {gguf_type}", "export_s": round(seconds, 1), "mib": path.stat().st_size >> 20,
