@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_tokenizer, tiny_llama_for
 from safetensors.torch import load_file
 from test_cli import InterruptAt, one_line_error
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import leanft
 from leanft.cli import main
@@ -136,6 +136,30 @@ def test_a_tiny_run_raises_the_held_out_margin(model_dir, prefs_file, tmp_path, 
     assert (run_dir / "checkpoint-6" / "leanft_complete").is_file() and (run_dir / "loss_curve.png").is_file()
     assert not (run_dir / "README.md").exists()  # no hub model card in the run folder
     assert "preference accuracy 50% ->" in capsys.readouterr().out
+
+
+class HeadTilesSeen(TrainerCallback):
+    """Records TRL's fused-head tile sizes as each training step begins."""
+
+    def __init__(self) -> None:
+        self.seen = set()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        from trl.kernels import chunked_logprob
+        from trl.trainer import utils
+
+        self.seen.add((chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE))
+
+
+def test_a_cpu_run_uses_smaller_head_tiles_and_restores_trls_afterwards(model_dir, prefs_file, tmp_path):
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    defaults = (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    tiles = HeadTilesSeen()
+    train(load_config(None, dpo_args(model_dir, prefs_file, tmp_path / "run", "max_steps=2")[1:]), callbacks=[tiles])
+    assert tiles.seen == {(512, 4096)} != {defaults}
+    assert defaults == (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
 def test_ctrl_c_and_resume_give_the_uninterrupted_dpo_run(model_dir, prefs_file, tmp_path):
