@@ -222,3 +222,31 @@ def test_other_optimizers_add_rows_and_their_state_memory_is_measured(tmp_path, 
     adamw, apollo = rows["full"]["optimizer_state"], rows["full:optimizer=apollo"]["optimizer_state"]
     assert 0 < apollo < 0.9 * adamw
     assert rows[apollo_dropbp]["step_s"] > 0 and rows["s2ft"]["optimizer_state"] < 0.1 * adamw
+
+
+def test_a_bench_on_real_data_times_the_same_examples_padded_and_padding_free(tmp_path, capsys, model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Repeat: " + "word " * (1 + 7 * (i % 5)), "output": "ok"})
+                            + "\n" for i in range(24)))
+    plan = parse_bench_options([
+        f"model={model_dir}", f"data={data}", f"eval_data={data}", "device=cpu", "threads=1", "batch_size=4",
+        "max_seq_len=64", "variants=paca:padding_free=false,paca,lora", "rates=", "rounds=3", "untimed_steps=1",
+        "max_len_methods=off", f"out={tmp_path / 'out'}", "plots=false", "bf16=false",
+    ])
+    assert bench.run_bench(plan, progress=lambda line: None) == 0
+    table = capsys.readouterr().out
+    assert "tokens/s × first row" in table and f"examples of {data}" in table
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {row["key"]: row for row in report["rows"]}
+    padded, free = report["timing"]["paca:padding_free=false"], report["timing"]["paca"]
+    assert [step["tokens"] for step in padded] == [step["tokens"] for step in free]  # the same examples per round
+    assert len({step["tokens"] for step in free}) > 1  # each round its own batch of the data
+    assert all(step["computed"] == step["tokens"] for step in free)
+    assert all(step["computed"] >= step["tokens"] for step in padded) and rows["paca:padding_free=false"]["padding"] > 0
+    assert rows["paca"]["padding"] == 0 and rows["paca:padding_free=false"]["speed_vs_first"] == 1.0
+    assert rows["lora"]["speed_vs_first"] > 0 and rows["lora"]["tokens_per_s"] > 0
+
+
+def test_a_bench_on_real_data_needs_a_model_with_a_tokenizer(data_file):
+    with pytest.raises(LeanftError, match="needs a model with a tokenizer"):
+        parse_bench_options(["quick=true", f"data={data_file}"])

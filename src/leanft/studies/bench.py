@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from leanft.run.config import config_to_dict
-from leanft.studies.bench_options import BenchPlan
+from leanft.studies.bench_options import BenchPlan, uses_real_data
 from leanft.studies.bench_report import BASELINE, MIB, Method, render_table, summarize
 from leanft.studies.bench_worker import Case, serve
 
@@ -309,14 +309,16 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> int:
     rows = summarize(plan.methods, timing, memory, max_len, tokens)
     elapsed = time.perf_counter() - started
     threads = next((m["threads"] for m in memory.values() if "threads" in m), None)
-    header = (f"leanft bench — {plan.model}, {plan.device} {plan.dtype}, batch {plan.batch} x seq {plan.seq_len}, "
+    shape = (f"batches of {plan.batch} examples of {plan.config.data} (max_seq_len {plan.seq_len}; tokens/s counts "
+             "their own tokens)" if uses_real_data(plan.config) else f"batch {plan.batch} x seq {plan.seq_len}")
+    header = (f"leanft bench — {plan.model}, {plan.device} {plan.dtype}, {shape}, "
               f"r {plan.r}, {'chunked' if plan.config.chunked_loss else 'plain'} loss; median of {plan.rounds} rounds "
               f"after {plan.untimed_steps} untimed step(s); "
               f"memory budget {plan.budget / MIB:,.0f} MiB; {elapsed:.0f} s")
     notes = ("Ratios are medians of per-round ratios to peft LoRA. 'dropped' is the realised share of branch FLOPs "
              "skipped; 'vs interp.' compares each DropBP step with the straight line from no-drop to floor at that "
              "share. Peak memory of a DropBP method is taken on the least-dropped pattern among the timed steps.")
-    text = "\n\n".join([header, render_table(rows), notes])
+    text = "\n\n".join([header, render_table(rows, real_data=uses_real_data(plan.config)), notes])
     print(text)
 
     out = Path(plan.out)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from leanft.core.errors import LeanftError
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.options import apply_items, doc, split_config_path, split_items
+from leanft.run.tasks import builtin_task
 from leanft.studies.bench_report import TINY_MODEL, Method, build_methods, parse_method_keys
 from leanft.studies.variants import (
     EXAMPLES,
@@ -186,11 +187,22 @@ def _check_numbers(options: BenchOptions) -> None:
         raise LeanftError(f"device must be cpu or cuda[:N], got {options.device!r}")
 
 
+def uses_real_data(config: TrainConfig) -> bool:
+    """Whether the bench's rows train on ``config.data`` (a file or dataset) rather than a fixed random batch."""
+    return builtin_task(config.data) is None
+
+
 def _train_config(path: str | None, items: Sequence[str], quick: bool) -> TrainConfig:
     """The validated train config of the bench: with ``quick``, its small defaults where a key is not given."""
     given = {item.partition("=")[0].strip() for item in items}
     defaults = [f"{key}={value}" for key, value in QUICK_TRAIN_KEYS.items() if quick and key not in given]
-    return load_config(path, [*defaults, *items])
+    config = load_config(path, [*defaults, *items])
+    if uses_real_data(config) and config.model == TINY_MODEL:
+        raise LeanftError(f"data={config.data} needs a model with a tokenizer: pass model=... (quick's tiny model "
+                          "has none)")
+    if uses_real_data(config) and config.streaming:
+        raise LeanftError("bench reads its data= whole: use streaming=false")
+    return config
 
 
 def resolve(options: BenchOptions, config: TrainConfig) -> BenchPlan:

@@ -125,6 +125,17 @@ def paired_ratio(values: Sequence[float], baseline: Sequence[float]) -> float | 
     return median_or_none([v / b for v, b in zip(values, baseline, strict=False) if b > 0])
 
 
+def step_tokens(step: dict, default: int) -> int:
+    """The examples' own tokens of a timed step (``default``, batch x length, for a fixed random batch)."""
+    return step.get("tokens", default)
+
+
+def padding_share(steps: Sequence[dict]) -> float | None:
+    """The share of the tokens computed in ``steps`` that were padding (None without counts)."""
+    computed = sum(step.get("computed", 0) for step in steps)
+    return 1.0 - sum(step["tokens"] for step in steps) / computed if computed else None
+
+
 def ratio(value: float | None, baseline: float | None) -> float | None:
     """``value / baseline``, or None when either is missing or the baseline is not positive."""
     if value is None or baseline is None or baseline <= 0:
@@ -156,6 +167,7 @@ def summarize(
     """One row per method: medians, ratios to LoRA (same dtype; and to LoRA in float32 where that row ran),
     cost-model check, memory and max-length figures."""
     base_steps, peer_steps = timing.get(BASELINE, []), timing.get(PEER, [])
+    first_steps = timing.get(methods[0].key, []) if methods else []
     base_memory = memory.get(BASELINE, {})
     base_len = max_len.get(BASELINE, {}).get("max_len")
     rows = []
@@ -171,7 +183,10 @@ def summarize(
             "rate": method.rate,
             "floor": method.floor,
             "step_s": seconds,
-            "tokens_per_s": tokens_per_step / seconds if seconds else None,
+            "tokens_per_s": median_or_none([step_tokens(s, tokens_per_step) / s["seconds"] for s in steps]),
+            "speed_vs_first": paired_ratio([step_tokens(s, tokens_per_step) / s["seconds"] for s in steps],
+                                           [step_tokens(s, tokens_per_step) / s["seconds"] for s in first_steps]),
+            "padding": padding_share(steps),
             "time_ratio": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in base_steps]),
             "time_vs_peer": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in peer_steps]),
             "cpu_s": median_or_none([s.get("cpu_seconds") for s in steps]),  # process CPU time (see bench_worker)
@@ -201,10 +216,13 @@ def summarize(
 # -- text ---------------------------------------------------------------------------------------------------
 
 
+REAL_DATA_COLUMNS = ("tokens/s × first row", "padding")
 COLUMNS: tuple[Column, ...] = (
     ("method", lambda r: r["label"]),
     ("step (s)", lambda r: fmt(r["step_s"], ".3f")),
     ("tokens/s", lambda r: fmt(r["tokens_per_s"], ",.0f")),
+    ("tokens/s × first row", lambda r: fmt(r.get("speed_vs_first"), ".2f", "x")),
+    ("padding", lambda r: fmt(None if r.get("padding") is None else 100 * r["padding"], ".1f", "%")),
     ("time × LoRA", lambda r: fmt(r["time_ratio"], ".2f", "x")),
     ("time × LoRA fp32", lambda r: fmt(r["time_vs_peer"], ".2f", "x")),
     ("dropped", lambda r: fmt(r["dropped"], ".2f") if r["rate"] or r["floor"] else "–"),
@@ -221,8 +239,10 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 
-def render_table(rows: Sequence[dict]) -> str:
+def render_table(rows: Sequence[dict], real_data: bool = False) -> str:
     """The markdown table of all methods (``–`` where a figure was not measured); "× LoRA" is LoRA in the bench's
-    dtype, "× LoRA fp32" (only when that row ran) LoRA as transformers' defaults run it."""
+    dtype, "× LoRA fp32" (only when that row ran) LoRA as transformers' defaults run it. With ``real_data`` (rows
+    trained on the data's own batches) it adds each row's real tokens/s against the first row's and its padding."""
     peer = any(row.get("time_vs_peer") is not None or row.get("peak_vs_peer") is not None for row in rows)
-    return markdown_table([c for c in COLUMNS if peer or "fp32" not in c[0]], rows)
+    wanted = [c for c in COLUMNS if (peer or "fp32" not in c[0]) and (real_data or c[0] not in REAL_DATA_COLUMNS)]
+    return markdown_table(wanted, rows)

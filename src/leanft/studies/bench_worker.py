@@ -2,7 +2,8 @@
 
 A worker loads the model and sets it up exactly as ``leanft train`` does, through ``leanft.run.prepare.prepare_model``
 with the row's train config (method, precision, compile, DropBP with its sampler, checkpointing), builds the
-run's optimizer over the trainable parameters and a fixed random batch, then answers
+run's optimizer over the trainable parameters and a fixed random batch (or, with ``data=``, the data's own
+batches, padded or padding-free as the row's config says: ``leanft.studies.bench_data``), then answers
 requests from the parent over a pipe: ``step`` (one timed training step at a DropBP rate, drawing that
 step's pattern exactly as training does) or ``memory`` (one step measured for peak memory and bytes saved
 for backward). Workers start from a fork server that has already imported torch, transformers and peft,
@@ -30,6 +31,8 @@ from leanft.run import models
 from leanft.run.config import TrainConfig
 from leanft.run.optimizers import build_optimizer, state_bytes
 from leanft.run.prepare import prepare_model
+from leanft.studies.bench_data import RealBatches
+from leanft.studies.bench_options import uses_real_data
 from leanft.studies.bench_report import TINY_MODEL
 from leanft.studies.memory import SavedTensorMeter
 
@@ -149,14 +152,22 @@ class Trainee:
     def __init__(self, case: Case) -> None:
         self.case = case
         config = self.config = row_config(case)
-        model = load_model(config.model, config.base_dtype(), case.device, quantize=bool(config.quantize))
-        vocab_size = model.config.vocab_size
+        tokenizer = None
+        if uses_real_data(config):
+            model, tokenizer = models.load_model_and_tokenizer(
+                None if config.model == "default" else config.model, config.base_dtype(), case.device,
+                "4bit" if config.quantize else None)
+            model.train()
+        else:
+            model = load_model(config.model, config.base_dtype(), case.device, quantize=bool(config.quantize))
         prepared = prepare_model(model, config, dropbp_rate=0.0 if case.dropbp else None)  # train's set-up
         self.model, self.controller = prepared.model, prepared.controller
         self.autocast = torch.bfloat16 if config.uses_bf16() else None  # as the Trainer runs a bf16 config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config.optimizer, config.learning_rate())
-        self.batch = make_batch(vocab_size, case.batch, case.seq_len, config.seed, case.device)
+        self.data = None if tokenizer is None else RealBatches(config, self.model, tokenizer)
+        self.batch = None if self.data else make_batch(model.config.vocab_size, case.batch, case.seq_len, config.seed,
+                                                       case.device)
         with torch.no_grad():  # page in weights a safetensors load left memory-mapped, so set-up memory counts them
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
                 tensor.sum()
@@ -171,26 +182,38 @@ class Trainee:
         self.controller.step = index
         return self.controller.forced([True] * len(self.controller.branches)) if floor else contextlib.nullcontext()
 
-    def _train_step(self, rate: float, floor: bool, index: int) -> float:
+    def _batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict, contextlib.AbstractContextManager]:
+        """Step ``index``'s batch, its token counts (examples' own, computed) and the attention set-up it runs in."""
+        if self.data is None:
+            tokens = self.batch["input_ids"].numel()
+            return self.batch, {"tokens": tokens, "computed": tokens}, contextlib.nullcontext()
+        batch, tokens = self.data.batch(index, self.case.device)
+        counts = {"tokens": tokens, "computed": batch["input_ids"].numel()}
+        return batch, counts, self.data.attention(self.model)
+
+    def _train_step(self, rate: float, floor: bool, index: int) -> tuple[float, dict]:
         device_type = torch.device(self.case.device).type
         autocast = torch.autocast(device_type, self.autocast) if self.autocast else contextlib.nullcontext()
         chunked = self.config.chunked_loss
-        with self._pattern(rate, floor, index), autocast:
-            loss = chunked_causal_lm_loss(self.model, self.batch) if chunked else self.model(**self.batch).loss
+        batch, counts, attention = self._batch(index)
+        with self._pattern(rate, floor, index), autocast, attention:
+            loss = chunked_causal_lm_loss(self.model, batch) if chunked else self.model(**batch).loss
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.controller.dropped_fraction() if self.controller else 0.0
+        return (self.controller.dropped_fraction() if self.controller else 0.0), counts
 
     def step(self, rate: float = 0.0, floor: bool = False, index: int = 0) -> dict:
-        """One timed training step (forward, backward, optimizer step) with step ``index``'s drop pattern, and the
-        loss train's ``chunked_loss`` says (``leanft.core.chunked_loss``: never the full logits)."""
+        """One timed training step (forward, backward, optimizer step) with step ``index``'s drop pattern and batch,
+        and the loss train's ``chunked_loss`` says (``leanft.core.chunked_loss``: never the full logits); with its
+        examples' own tokens and the tokens it computed (padding included)."""
         _sync(self.case.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        dropped = self._train_step(rate, floor, index)
+        dropped, counts = self._train_step(rate, floor, index)
         _sync(self.case.device)
         cpu_seconds = time.process_time() - cpu_start  # all threads; with one thread, robust to a busy machine
-        return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds, "dropped": dropped, "index": index}
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds, "dropped": dropped, "index": index,
+                **counts}
 
     def least_dropped(self, rate: float, indices: list[int]) -> int:
         """Among the steps ``indices``, the one whose pattern at ``rate`` drops the smallest share of FLOPs."""
@@ -215,7 +238,7 @@ class Trainee:
         setup = current_bytes(device)
         reset_peak(device)
         with SavedTensorMeter(self.model) as meter:
-            dropped = self._train_step(rate, floor, index)
+            dropped, _ = self._train_step(rate, floor, index)
         _sync(device)
         return {"peak": peak_bytes(device), "setup": setup, "saved": meter.bytes, "dropped": dropped, "index": index,
                 "optimizer_state": state_bytes(self.optimizer)}

@@ -18,7 +18,7 @@ from leanft.run.methods import METHODS
 
 # a variant's own keys that are train keys; its method's own keys (``columns`` of paca) and DropBP's are the others
 VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "warmup_ratio", "lr_scheduler", "bf16", "compile", "optimizer",
-                      "seed", "quantize", "chunked_loss")  # fmt: skip
+                      "seed", "quantize", "chunked_loss", "padding_free")  # fmt: skip
 STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
 EXAMPLES = ("paca:lr=0.01, paca:r=32:columns=activation, lora:alpha=32, s2ft:ffn=0.1, full:optimizer=apollo, "
             "paca:quantize=4bit, paca+dropbp:warmup=0.2:rate=0.3, paca+dropbp-uniform:rate=0.5:patterns_per_step=4")
