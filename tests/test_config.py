@@ -12,11 +12,15 @@ from leanft.run.methods import parse_target_modules
 def test_defaults_are_valid_and_lr_follows_method():
     config = load_config()
     assert config == TrainConfig()
-    assert (config.learning_rate(), config.rank()) == (3e-3, 32)  # the best PaCA on both real instruction sets
+    assert (config.learning_rate(), config.rank()) == (1.5e-3, 64)  # the best PaCA on both real instruction sets
     assert (load_config(overrides=["method=lora"]).learning_rate(), load_config(overrides=["method=lora"]).rank()) == (
         3e-3, 8)
-    assert load_config(overrides=["r=16"]).rank() == 16 and load_config().resolved().r == 32
+    assert load_config(overrides=["r=16"]).rank() == 16 and load_config().resolved().r == 64
     assert load_config(overrides=["method=lora", "lr=5e-5"]).learning_rate() == 5e-5
+    dpo = load_config(overrides=["objective=dpo", "data=builtin:prefs-arith"])
+    assert (dpo.learning_rate(), dpo.rank()) == (3e-4, 32)  # preference tuning keeps the setting it was measured in
+    dpo_lora = load_config(overrides=["objective=dpo", "data=builtin:prefs-arith", "method=lora"])
+    assert (dpo_lora.learning_rate(), dpo_lora.rank()) == (3e-4, 8)
 
 
 def test_yaml_then_overrides_with_nested_keys_and_types(tmp_path):

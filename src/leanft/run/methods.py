@@ -97,6 +97,8 @@ class MethodSpec:
     check: Callable[[PreTrainedModel, MethodSettings], None]  # raises what attach would, without changing the model
     own_checkpoints: bool = False  # True: Trainer checkpoints hold what ``save`` writes, not the whole model
     default_r: int | None = None  # r (PaCA's columns, LoRA's rank) where the config leaves it null; None: no r
+    preference_defaults: tuple[int, float] | None = None  # (r, lr) of objective=dpo where they differ from the
+    # supervised ones (r = default_r, lr = default_lr / DPO_LR_DIVISOR): the setting preference tuning was measured in
     keys: type | None = None  # a dataclass of the method's own keys (``NAME.KEY=...``, doc() fields; it may
     # have ``validate(in_use: bool)``, called before any model loads)
     lora_form: Callable[[nn.Module, bool], tuple] | None = None  # the trained model's update as a peft LoRA
@@ -133,7 +135,8 @@ PRETRAINED_FILES = {"save": lazy("save_pretrained")}
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=3e-3, default_r=32, quantized="qpaca",
+        MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=1.5e-3, default_r=64, quantized="qpaca",
+                   preference_defaults=(32, 3e-4),
                    attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), keys=PacaKeys,
                    **PACA_FILES),
         MethodSpec(name="s2ft", label="S2FT", short_label="S2FT", default_lr=1e-2, quantized=None,

@@ -4,8 +4,8 @@ plan they resolve to before any work starts.
 The model, batch, length, precision, r, seed, loss, compile and DropBP sampler are train's keys (``batch_size``,
 ``max_seq_len``, ``bf16``, ...), read and validated by train's own parser, so a bench row is set up as ``leanft
 train`` sets up that config. With train's ``data=`` (a file or dataset, not a built-in task) the rows train on
-that data's batches instead of a fixed random one, padded or padding-free as each row's ``padding_free`` says. Every option is checked here, so a bad one ends with one line before the first
-worker starts.
+that data's batches instead of a fixed random one, padded or padding-free as each row's ``padding_free`` says.
+Every option is checked here, so a bad one ends with one line before the first worker starts.
 """
 
 from __future__ import annotations
