@@ -177,3 +177,17 @@ def test_applies_to_every_supported_architecture(arch):
     model(**tiny_batch()).loss.backward()
     grads = [m.paca_weight.grad for m in leanft.paca_modules(model).values()]
     assert grads and all(g is not None for g in grads)
+
+
+def test_the_default_r_shrinks_to_a_narrow_model_and_a_given_wider_r_is_refused():
+    from leanft.core.paca import paca_modules
+    from leanft.run.config import load_config
+    from leanft.run.methods import attach_method
+
+    model = tiny_model("llama")  # input widths 32 (hidden) and 64 (MLP)
+    default = load_config(overrides=["method=paca"])
+    assert default.rank() > 32
+    attach_method(model, "paca", default.method_settings())
+    assert {module.r for module in paca_modules(model).values()} == {32}
+    with pytest.raises(leanft.LeanftError, match="exceeds the input width 32"):
+        attach_method(tiny_model("llama"), "paca", load_config(overrides=["method=paca", "r=48"]).method_settings())

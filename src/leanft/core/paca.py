@@ -95,6 +95,13 @@ def paca_modules(model: nn.Module) -> dict[str, PacaLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, PacaLinear)}
 
 
+def narrowest_input(model: nn.Module, target_modules: str | Sequence[str] = "all-linear") -> int | None:
+    """The smallest input width among the layers ``apply_paca`` would target (None when it targets none)."""
+    widths = [_dispatch(model.get_submodule(name)).in_features(model.get_submodule(name))
+              for name in target_names(model, target_modules)]
+    return min(widths, default=None)
+
+
 def check_paca_targets(model: nn.Module, r: int, target_modules: str | Sequence[str] = "all-linear") -> list[str]:
     """The layers ``apply_paca`` would replace; raises what it would raise, without changing ``model``."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:

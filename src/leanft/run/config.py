@@ -224,8 +224,9 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        return MethodSettings(r=self.rank(), target_modules=self.target_modules, seed=self.seed,
-                              keys=self.option_group(self.method))
+        default = self.r is None or self.r == method_spec(self.method).default_r  # a run folder records it
+        return MethodSettings(r=self.rank(), r_given=not default, target_modules=self.target_modules,
+                              seed=self.seed, keys=self.option_group(self.method))
 
     def validate_data(self) -> None:
         """Raise a LeanftError for data keys that cannot work together (the data itself is read later)."""

@@ -6,6 +6,7 @@ registry, the config and the command line's help stay free of torch, transformer
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import peft
@@ -13,25 +14,41 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from leanft.core.errors import LeanftError
-from leanft.core.paca import apply_paca, check_paca_targets, merge_paca, target_names
+from leanft.core.paca import apply_paca, check_paca_targets, merge_paca, narrowest_input, target_names
 from leanft.core.paca_columns import column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
 from leanft.run.methods import LoraKeys, MethodSettings, PacaKeys, S2ftKeys, parse_target_modules
 
+logger = logging.getLogger(__name__)
+
+
+def paca_columns_per_layer(model: PreTrainedModel, settings: MethodSettings) -> int:
+    """PaCA's r on ``model``: the given r, or the default shrunk to the narrowest targeted layer's input width (a
+    given r wider than a layer is refused by ``check_paca_targets``)."""
+    if settings.r_given:
+        return settings.r
+    narrowest = narrowest_input(model, parse_target_modules(settings.target_modules))
+    if narrowest is not None and narrowest < settings.r:
+        logger.info("PaCA: the default r %d exceeds the narrowest targeted input width %d: %d columns per layer",
+                    settings.r, narrowest, narrowest)
+        return narrowest
+    return settings.r
+
 
 def attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
     """PaCA layers on the targeted linears, columns chosen as ``paca.columns`` says."""
     targets = parse_target_modules(settings.target_modules)
-    names = check_paca_targets(model, settings.r, targets)
+    r = paca_columns_per_layer(model, settings)
+    names = check_paca_targets(model, r, targets)
     scores = column_scores(model, names, settings.calibration, settings.own(PacaKeys).columns)
-    return apply_paca(model, r=settings.r, target_modules=targets, seed=settings.seed,
+    return apply_paca(model, r=r, target_modules=targets, seed=settings.seed,
                       columns="random" if scores is None else scores)
 
 
 def check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
     """Raise what ``attach_paca`` would (targets, r, column choice), leaving the model unchanged."""
-    check_paca_targets(model, settings.r, parse_target_modules(settings.target_modules))
+    check_paca_targets(model, paca_columns_per_layer(model, settings), parse_target_modules(settings.target_modules))
     settings.own(PacaKeys).validate(in_use=True)
 
 

@@ -71,6 +71,8 @@ class MethodSettings:
     """What attaching a method needs; ``TrainConfig.method_settings()`` gives a run's."""
 
     r: int = 8
+    r_given: bool = True  # False: r is the method's default (as recorded too), which PaCA shrinks to fit the
+    # narrowest targeted layer; a given r wider than a layer is refused
     target_modules: str = "all-linear"
     seed: int = 0
     keys: object | None = None  # the method's own keys (its ``MethodSpec.keys``); None: their defaults
