@@ -249,10 +249,13 @@ def test_prefs_arith_is_verifiable_and_its_held_out_split_is_disjoint_and_fixed(
     assert not verify_preference({**held_out[0], "chosen": held_out[0]["rejected"]})
 
 
-def test_preference_tuning_defaults_to_a_tenth_of_the_methods_learning_rate(prefs_file):
-    for method in ("paca", "lora", "full", "s2ft"):
+def test_preference_tuning_defaults_to_a_tenth_of_the_methods_learning_rate_and_paca_to_its_measured_setting(
+        prefs_file):
+    for method in ("lora", "full", "s2ft"):
         sft = load_config(None, [f"method={method}"])
         dpo = load_config(None, [f"method={method}", "objective=dpo", f"data={prefs_file}"])
-        assert dpo.learning_rate() == pytest.approx(sft.learning_rate() / 10)
+        assert dpo.learning_rate() == pytest.approx(sft.learning_rate() / 10) and dpo.rank() == sft.rank()
         assert dpo.resolved().lr == dpo.learning_rate()  # recorded in the run folder as such
+    paca = load_config(None, ["objective=dpo", f"data={prefs_file}"])
+    assert (paca.learning_rate(), paca.rank()) == (3e-4, 32) and (paca.resolved().lr, paca.resolved().r) == (3e-4, 32)
     assert load_config(None, ["objective=dpo", f"data={prefs_file}", "lr=0.02"]).learning_rate() == 0.02

@@ -34,8 +34,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from leanft.run.config import config_to_dict
-from leanft.studies.bench_options import BenchPlan, uses_real_data
-from leanft.studies.bench_report import BASELINE, MIB, Method, render_table, summarize
+from leanft.studies.bench_options import BenchPlan
+from leanft.studies.bench_report import BASELINE, MIB, Method, render_table, summarize, uses_real_data
 from leanft.studies.bench_worker import Case, serve
 
 Progress = Callable[[str], None]

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 from leanft.core.errors import LeanftError
 from leanft.run.config import TrainConfig, load_config
 from leanft.run.options import apply_items, doc, split_config_path, split_items
-from leanft.run.tasks import builtin_task
-from leanft.studies.bench_report import TINY_MODEL, Method, build_methods, parse_method_keys
+from leanft.studies.bench_report import TINY_MODEL, Method, build_methods, parse_method_keys, uses_real_data
 from leanft.studies.variants import (
     EXAMPLES,
     parse_variants,
@@ -186,11 +185,6 @@ def _check_numbers(options: BenchOptions) -> None:
         raise LeanftError(f"timeout must be > 0 seconds, got {options.timeout}")
     if options.device is not None and options.device != "cpu" and not options.device.startswith("cuda"):
         raise LeanftError(f"device must be cpu or cuda[:N], got {options.device!r}")
-
-
-def uses_real_data(config: TrainConfig) -> bool:
-    """Whether the bench's rows train on ``config.data`` (a file or dataset) rather than a fixed random batch."""
-    return builtin_task(config.data) is None
 
 
 def _train_config(path: str | None, items: Sequence[str], quick: bool) -> TrainConfig:

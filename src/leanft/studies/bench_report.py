@@ -9,7 +9,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from leanft.run.config import TrainConfig
 from leanft.run.methods import METHODS
+from leanft.run.tasks import builtin_task
 from leanft.studies.tables import Column, fmt, markdown_table
 from leanft.studies.variants import variant_base, variant_items, variant_name
 
@@ -23,6 +25,11 @@ def _labels() -> tuple[dict[str, str], dict[str, str]]:
             quantized = "Q" + spec.short_label
             labels[spec.quantized], short[spec.quantized] = f"{quantized} (nf4)", quantized
     return labels, short
+
+
+def uses_real_data(config: TrainConfig) -> bool:
+    """Whether the bench's rows train on ``config.data`` (a file or dataset) rather than a fixed random batch."""
+    return builtin_task(config.data) is None
 
 
 BASE_LABELS, SHORT_LABELS = _labels()

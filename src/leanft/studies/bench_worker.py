@@ -32,8 +32,7 @@ from leanft.run.config import TrainConfig
 from leanft.run.optimizers import build_optimizer, state_bytes
 from leanft.run.prepare import prepare_model
 from leanft.studies.bench_data import RealBatches
-from leanft.studies.bench_options import uses_real_data
-from leanft.studies.bench_report import TINY_MODEL
+from leanft.studies.bench_report import TINY_MODEL, uses_real_data
 from leanft.studies.memory import SavedTensorMeter
 
 TINY_CONFIG = dict(  # a ~4M-parameter Llama shaped like SmolLM2 (tied embeddings, grouped KV heads)
