@@ -191,3 +191,17 @@ def test_the_default_r_shrinks_to_a_narrow_model_and_a_given_wider_r_is_refused(
     assert {module.r for module in paca_modules(model).values()} == {32}
     with pytest.raises(leanft.LeanftError, match="exceeds the input width 32"):
         attach_method(tiny_model("llama"), "paca", load_config(overrides=["method=paca", "r=48"]).method_settings())
+
+
+def test_a_recorded_default_r_still_fits_and_a_given_r_does_not():
+    from leanft.core.paca import paca_modules
+    from leanft.run.config import load_config
+    from leanft.run.methods import attach_method
+
+    recorded = load_config(overrides=["method=paca"]).resolved()  # r written in, as a run folder records it
+    assert recorded.r is not None and recorded.method_settings().fit_r
+    attach_method(model := tiny_model("llama"), "paca", recorded.method_settings())
+    assert {module.r for module in paca_modules(model).values()} == {32}
+    preference = ("objective=dpo", "data=builtin:prefs-arith")  # its own default r, recorded the same way
+    assert load_config(overrides=["method=paca", *preference]).resolved().method_settings().fit_r
+    assert not load_config(overrides=["method=paca", "r=48"]).method_settings().fit_r

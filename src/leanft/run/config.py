@@ -224,8 +224,8 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        default = self.r is None or self.r == method_spec(self.method).default_r  # a run folder records it
-        return MethodSettings(r=self.rank(), r_given=not default, target_modules=self.target_modules,
+        fit_r = self.rank() == dataclasses.replace(self, r=None).rank()  # the default, also as a run folder records it
+        return MethodSettings(r=self.rank(), fit_r=fit_r, target_modules=self.target_modules,
                               seed=self.seed, keys=self.option_group(self.method))
 
     def validate_data(self) -> None:

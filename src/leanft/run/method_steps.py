@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def paca_columns_per_layer(model: PreTrainedModel, settings: MethodSettings) -> int:
     """PaCA's r on ``model``: the given r, or the default shrunk to the narrowest targeted layer's input width (a
     given r wider than a layer is refused by ``check_paca_targets``)."""
-    if settings.r_given:
+    if not settings.fit_r:
         return settings.r
     narrowest = narrowest_input(model, parse_target_modules(settings.target_modules))
     if narrowest is not None and narrowest < settings.r:

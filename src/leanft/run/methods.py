@@ -71,7 +71,7 @@ class MethodSettings:
     """What attaching a method needs; ``TrainConfig.method_settings()`` gives a run's."""
 
     r: int = 8
-    r_given: bool = True  # False: r is the method's default (as recorded too), which PaCA shrinks to fit the
+    fit_r: bool = False  # True: r is the method's default (as recorded too), which PaCA shrinks to fit the
     # narrowest targeted layer; a given r wider than a layer is refused
     target_modules: str = "all-linear"
     seed: int = 0

@@ -164,6 +164,11 @@ def interpolation_ratio(steps: Sequence[dict], nodrop: Sequence[dict], floor: Se
     return median_or_none(ratios)
 
 
+def step_throughput(steps: Sequence[dict], tokens_per_step: int) -> list[float]:
+    """Real tokens per second of each timed step."""
+    return [step_tokens(step, tokens_per_step) / step["seconds"] for step in steps]
+
+
 def summarize(
     methods: Sequence[Method],
     timing: dict[str, list[dict]],
@@ -190,9 +195,9 @@ def summarize(
             "rate": method.rate,
             "floor": method.floor,
             "step_s": seconds,
-            "tokens_per_s": median_or_none([step_tokens(s, tokens_per_step) / s["seconds"] for s in steps]),
-            "speed_vs_first": paired_ratio([step_tokens(s, tokens_per_step) / s["seconds"] for s in steps],
-                                           [step_tokens(s, tokens_per_step) / s["seconds"] for s in first_steps]),
+            "tokens_per_s": median_or_none(step_throughput(steps, tokens_per_step)),
+            "speed_vs_first": paired_ratio(step_throughput(steps, tokens_per_step),
+                                           step_throughput(first_steps, tokens_per_step)),
             "padding": padding_share(steps),
             "time_ratio": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in base_steps]),
             "time_vs_peer": paired_ratio([s["seconds"] for s in steps], [s["seconds"] for s in peer_steps]),
