@@ -12,7 +12,8 @@ example) get the block-diagonal causal mask as an explicit 4D additive mask inst
 A block-diagonal mask makes SDPA compute the whole row's T x T scores with its masked kernel, which on a CPU is
 slower than the padded batch. ``varlen_sdpa(model)`` (a context manager) switches an SDPA model to
 ``VARLEN_SDPA`` meanwhile: the same SDPA, run on each example's slice of the row with ``is_causal=True`` (its
-fused causal kernel, no mask, no cross-example scores), wherever the boundaries reach the attention.
+fused causal kernel, no mask, no cross-example scores), wherever the boundaries reach the attention; in bf16 on
+the CPU each example runs ``leanft.core.causal_attention`` instead, which is faster there than the fused kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from leanft.core import causal_attention
 from leanft.core.chunked_loss import IGNORE_INDEX
 
 POSITIONS = "positions"  # transformers derives the block-diagonal mask from restarting position ids
@@ -95,11 +97,18 @@ def sdpa_per_example(module, query, key, value, attention_mask, **kwargs):
     if not whole_row or query.shape[0] != 1 or (window is not None and longest > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = [
-        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-                               is_causal=True, **kwargs)[0]
+        attend_causally(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], **kwargs)
         for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(outputs, dim=1), None
+
+
+def attend_causally(module, query, key, value, **kwargs) -> torch.Tensor:
+    """One example's causal attention, (1, L, heads, d): ``leanft.core.causal_attention`` where it fits (bf16 on
+    the CPU, where it is faster than SDPA's fused kernel), else SDPA's fused causal kernel."""
+    if causal_attention.fits(query, key, value, **kwargs):
+        return causal_attention.causal_attention(query, key, value, kwargs.get("scaling"))
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)[0]
 
 
 AttentionInterface.register(VARLEN_SDPA, sdpa_per_example)
