@@ -1,13 +1,12 @@
 """Causal self-attention of one example in bf16 on the CPU, as plain batched matrix products.
 
 PyTorch's fused CPU attention kernel (SDPA's flash kernel) runs bf16 at about fp32 speed, and its backward at about
-three times its forward, so in bf16 it took over a third of a training step of SmolLM2 on 300-token examples,
-more than all the linear layers' backward. ``CausalAttention`` computes the same attention with bf16 ``bmm``
-(which runs at native bf16 speed) and PyTorch's fused softmax (computed in fp32), and keeps only its inputs for
-backward, never the L x L probabilities (backward recomputes them). Query heads
-that share a key/value head (grouped-query attention) run as one product against that head. Its scores are
-materialised per example, so it serves examples up to ``MAX_LENGTH`` tokens, and only where it measured faster; longer ones, fp32, accelerators and
-anything else go to SDPA (``fits``).
+three times its forward, so in bf16 it took over a third of a training step of SmolLM2 on 300-token examples.
+``CausalAttention`` computes the same attention with bf16 ``bmm`` (which runs at native bf16 speed) and PyTorch's
+fused softmax (computed in fp32), and keeps only its inputs for backward, never the L x L probabilities (backward
+recomputes them). Query heads that share a key/value head (grouped-query attention) run as one product against
+that head. Its scores are materialised per example, so it serves examples up to ``MAX_LENGTH`` tokens, where it
+measured faster; longer ones, fp32, accelerators and anything else go to SDPA (``fits``).
 """
 
 from __future__ import annotations
