@@ -68,15 +68,6 @@ def test_allocates_once_at_the_configured_step_and_checkpoints_the_rates(tmp_pat
     assert saved["dropbp"]["rates"] == ctrl.rates and saved["dropbp"]["step"] == 10 and saved["allocated"]
 
 
-def test_a_cyclic_controller_is_never_allocated_even_when_asked(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("leanft.core.callback.allocate_rates", lambda *args, **kwargs: calls.append(args))
-    trainer, ctrl, callback = make_trainer(tmp_path, allocate_at=0.2, sampler="cyclic")
-    trainer.train()
-    assert calls == [] and not callback.allocated  # its blocks, not per-branch rates, make the pattern
-    assert ctrl.rates == [0.5] * len(ctrl.branches) and ctrl.step == 10
-
-
 def test_resume_restores_rates_and_step(tmp_path):
     trainer, ctrl, _ = make_trainer(tmp_path)
     trainer.train()

@@ -13,7 +13,6 @@ from leanft.core.allocate import greedy_rates, measure_sensitivities, tensor_nor
 from leanft.core.autorate import AutoRate, choose_rate
 from leanft.core.callback import drops_at
 from leanft.core.choices import CANDIDATE_RATES
-from leanft.core.dropbp import cyclic_blocks, cyclic_pattern
 from leanft.run.config import load_config
 from leanft.run.train import train
 from leanft.run.trainer import training_arguments
@@ -160,51 +159,3 @@ def test_train_with_rate_auto_reports_the_choice_and_drops_nothing_before_it(mod
     assert 0.0 < summary["dropbp_skipped_share"] < 0.5  # dropping only in the second half
     with pytest.raises(leanft.LeanftError, match="dropbp.rate"):
         load_config(None, ["dropbp.rate=sometimes"])
-
-
-def test_cyclic_sampler_backpropagates_one_block_of_layers_per_step_in_turn():
-    layers = [layer for layer in range(6) for _ in ("attn", "mlp")]
-    patterns = [cyclic_pattern(layers, 0.75, step) for step in range(8)]  # K = 4 blocks of 6 layers
-    kept = [{layers[i] for i, dropped in enumerate(p) if not dropped} for p in patterns]
-    assert kept[:4] == [{0}, {1, 2}, {3}, {4, 5}] and kept[4:] == kept[:4]
-    assert [cyclic_blocks(rate) for rate in (0.0, 0.5, 0.75, 0.9)] == [1, 2, 4, 10]
-    assert all(not any(cyclic_pattern(layers, 0.0, step)) for step in range(3))
-    assert [sum(not d for d in cyclic_pattern(layers[:4], 0.9, s)) for s in range(3)] == [2, 2, 2]  # K <= depth
-
-
-def test_cyclic_sampler_gives_the_block_its_gradient_and_nothing_to_the_other_layers():
-    model = tiny_model("llama")  # 2 layers: 2 blocks at rate 0.5
-    leanft.apply_paca(model, r=2)
-    ctrl = leanft.apply_dropbp(model, drop_rate=0.5, seed=0, sampler="cyclic")
-    batch = tiny_batch(length=8)
-    for step in range(4):
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        trained = {int(name.split("layers.")[1].split(".")[0]) for name, p in model.named_parameters()
-                   if p.grad is not None}
-        assert trained == {step % 2} and ctrl.dropped_fraction() == pytest.approx(0.5, abs=0.2)
-    with ctrl.forced(ctrl.sample(1)):  # the same gradient as that block trained with the other one detached
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        cyclic = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    ctrl.remove()
-    model.zero_grad(set_to_none=True)
-    layer0 = model.model.layers[0]
-    hooks = [module.register_forward_hook(lambda m, a, out: out.detach() if torch.is_tensor(out) else
-                                          (out[0].detach(), *out[1:]))
-             for module in (layer0.self_attn, layer0.mlp)]
-    model(**batch).loss.backward()
-    for hook in hooks:
-        hook.remove()
-    for name, grad in cyclic.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad)
-
-
-def test_a_cyclic_run_allocates_nothing_and_skips_half_the_backward(model_dir, data_file, tmp_path):
-    items = [f"model={model_dir}", f"data={data_file}", f"output_dir={tmp_path / 'cyclic'}", "max_steps=4",
-             "batch_size=4", "num_eval=4", "max_new_tokens=4", "dropbp.rate=0.5", "dropbp.sampler=cyclic"]
-    summary = train(load_config(None, items))
-    assert summary["dropbp_rates"] == [0.5] * 4  # no allocation: the blocks, not the rates, make the pattern
-    assert summary["dropbp_skipped_share"] == pytest.approx(0.5, abs=0.1)
-    with pytest.raises(leanft.LeanftError, match="cyclic"):
-        load_config(None, ["dropbp.sampler=cyclic", "dropbp.rate=auto"])

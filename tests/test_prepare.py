@@ -14,12 +14,12 @@ from leanft.run.prepare import STEPS, prepare_model
 
 
 def test_every_step_runs_in_order_when_the_config_asks_for_it():
-    keys = ["bf16=true", "compile=true", "dropbp.rate=0.5", "dropbp.sampler=cyclic", "gradient_checkpointing=true"]
+    keys = ["bf16=true", "compile=true", "dropbp.rate=0.5", "dropbp.sampler=topup", "gradient_checkpointing=true"]
     prepared = prepare_model(tiny_model("llama").to(torch.bfloat16), load_config(None, keys))
     assert prepared.steps == list(STEPS)
     trainable = [p for p in prepared.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # fp32 columns on a bf16 base
-    assert leanft.paca_modules(prepared.model) and prepared.controller.sampler == "cyclic"
+    assert leanft.paca_modules(prepared.model) and prepared.controller.sampler == "topup"
     assert prepared.controller.drop_rate == 0.5 and prepared.model.is_activation_checkpointing
 
 
@@ -43,19 +43,19 @@ def set_up_as(model, controller) -> dict:
 
 
 def test_bench_and_fidelity_set_up_the_model_train_does(model_dir, data_file, tmp_path):
-    """For one config (bf16 on, DropBP 0.5 with the cyclic sampler, checkpointing, seed 3), train's model, bench's
+    """For one config (bf16 on, DropBP 0.5 with the top-up sampler, checkpointing, seed 3), train's model, bench's
     worker model and fidelity's model have the same base and trainable dtypes, trained columns and DropBP."""
     from leanft.run.train import build_trainer, load_inputs
     from leanft.studies.bench_options import parse_bench_options
     from leanft.studies.bench_worker import Trainee
     from leanft.studies.fidelity_study import study_model
 
-    keys = [f"model={model_dir}", f"data={data_file}", "bf16=true", "dropbp.rate=0.5", "dropbp.sampler=cyclic",
+    keys = [f"model={model_dir}", f"data={data_file}", "bf16=true", "dropbp.rate=0.5", "dropbp.sampler=topup",
             "seed=3", "r=4", "gradient_checkpointing=true", "max_steps=2", f"output_dir={tmp_path / 'run'}"]
     config = load_config(None, keys)
     run = build_trainer(load_inputs(config, tmp_path / "run"), config, [])
     train = set_up_as(run.trainer.model, run.controller)
-    assert train["frozen"] == {torch.bfloat16} and train["columns"] and train["dropbp"][0] == "cyclic"
+    assert train["frozen"] == {torch.bfloat16} and train["columns"] and train["dropbp"][0] == "topup"
 
     prepared, _, _ = study_model(config, 0.5)
     assert set_up_as(prepared.model, prepared.controller) == train

@@ -97,8 +97,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
         return round(self.allocate_at * state.max_steps)
 
     def _allocates(self) -> bool:
-        """Whether this run allocates per-branch rates (asked for, and the controller's sampler uses them)."""
-        return self.allocate_at is not None and self.controller.uses_rates
+        """Whether this run allocates per-branch rates."""
+        return self.allocate_at is not None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Restore the controller's state on resume; check a distributed run's DDP settings and DropBP state."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from leanft.core.errors import LeanftError
 
 ALLOCATIONS = ("leanft", "official")  # DropBP's sensitivity rule and greedy cost: leanft's, or the authors'
-SAMPLERS = ("bernoulli", "topup", "cyclic")  # how DropBP draws a step's pattern
+SAMPLERS = ("bernoulli", "topup")  # how DropBP draws a step's pattern
 CANDIDATE_RATES = (0.5, 0.4, 0.3, 0.2, 0.1)  # dropbp.rate=auto tries these, largest first
 DEFAULT_THRESHOLD = 0.8  # dropbp.rate=auto: the lowest accepted mean per-tensor gradient cosine
 COLUMN_CHOICES = ("random", "activation", "gradient")  # how PaCA picks its columns

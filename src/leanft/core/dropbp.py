@@ -11,10 +11,7 @@ Sampling (``sampler``): ``"bernoulli"`` drops each branch independently with its
 branch and forward). The expected dropped share of backward FLOPs equals the target, and its average over
 steps converges to it; a single forward varies around it. ``"topup"`` (the DropBP authors' sampler) then,
 when fewer than ``drop_rate`` of the branches (by count) were drawn, drops more, highest rates first, until
-that share is reached; it skips more than the target on average. ``"cyclic"`` (block coordinate descent, as
-LCSB, arXiv 2602.13073) splits the layers into ``K = round(1 / (1 - drop_rate))`` contiguous blocks and keeps
-only block ``step mod K``: every other branch is an identity path in backward, which runs from the loss down to
-the block and stops below it, and each layer trains once every K steps (per-branch rates do not apply).
+that share is reached; it skips more than the target on average.
 
 While ``paused`` (a warm-up or cool-down of a rate schedule) nothing is dropped, and the step still advances.
 ``realised_drop_fraction()`` is the share of the branches' backward FLOPs actually skipped over all training
@@ -85,11 +82,6 @@ class DropBP:
         self.set_sequence_length(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512)
         setattr(model, CONTROLLER_ATTRIBUTE, self)
 
-    @property
-    def uses_rates(self) -> bool:
-        """Whether the pattern follows per-branch rates (so an allocation means something); not for cyclic."""
-        return self.sampler != "cyclic"
-
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module, index: int) -> None:
         """Replace ``module.forward`` by a closure that runs it under no_grad when its branch is dropped."""
@@ -153,8 +145,6 @@ class DropBP:
 
     def sample(self, step: int) -> list[bool]:
         """The drop pattern of training step ``step`` (a pure function of seed, step and rates)."""
-        if self.sampler == "cyclic":
-            return cyclic_pattern([branch.layer for branch in self.branches], self.drop_rate, step)
         self._generator.manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.rates), generator=self._generator)
         pattern = [bool(u < rate) for u, rate in zip(draws.tolist(), self.rates, strict=True)]
@@ -240,21 +230,6 @@ class DropBP:
         self.pattern_checksum = int(state.get("pattern_checksum", 0))
 
 
-def cyclic_blocks(drop_rate: float) -> int:
-    """How many layer blocks the cyclic sampler cycles through at ``drop_rate`` (it keeps one per step)."""
-    return max(1, round(1.0 / (1.0 - drop_rate)))
-
-
-def cyclic_pattern(layers: Sequence[int], drop_rate: float, step: int) -> list[bool]:
-    """The cyclic sampler's pattern: drop every branch outside layer block ``step mod K`` (``layers``: each
-    branch's layer; the distinct layers split into K contiguous blocks of near-equal size)."""
-    depth = sorted(set(layers))
-    blocks = min(cyclic_blocks(drop_rate), len(depth))
-    block = step % blocks
-    kept = set(depth[len(depth) * block // blocks : len(depth) * (block + 1) // blocks])
-    return [layer not in kept for layer in layers]
-
-
 def _sequence_length(args: tuple, kwargs: dict) -> int | None:
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
@@ -270,6 +245,6 @@ def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, **opti
 
     ``blocks`` (dotted path of the decoder-block ModuleList), ``attn`` and ``mlp`` (sub-module names
     in a block; join several with ``+``) point leanft at the branches of architectures it cannot map.
-    ``sampler``: ``"bernoulli"`` (independent draws), ``"topup"`` or ``"cyclic"`` (see the module docstring).
+    ``sampler``: ``"bernoulli"`` (independent draws) or ``"topup"`` (see the module docstring).
     """
     return DropBP(model, drop_rate=drop_rate, seed=seed, **options)

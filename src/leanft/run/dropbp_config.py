@@ -33,8 +33,7 @@ class DropBPConfig:
         "leanft",
     )
     sampler: str = doc(
-        "bernoulli | topup | cyclic: independent draws; the authors' top-up to drop_rate of the branches; or one "
-        "block of layers per step, cycling over depth (round(1/(1-rate)) blocks; no allocation)",
+        "bernoulli | topup: independent draws, or the authors' top-up to drop_rate of the branches",
         "bernoulli",
     )
     patterns_per_step: int = doc(
@@ -62,8 +61,6 @@ class DropBPConfig:
                               f"got {self.allocation!r}")
         if self.sampler not in choices.SAMPLERS:
             raise LeanftError(f"dropbp.sampler must be one of {', '.join(choices.SAMPLERS)}, got {self.sampler!r}")
-        if self.sampler == "cyclic" and self.rate == "auto":
-            raise LeanftError("dropbp.sampler=cyclic sets its blocks from a fixed rate: give dropbp.rate a number")
         if self.patterns_per_step < 1 or batch_size % self.patterns_per_step:
             raise LeanftError(
                 f"dropbp.patterns_per_step must be >= 1 and divide batch_size ({batch_size}), "
