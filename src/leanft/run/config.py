@@ -182,8 +182,10 @@ class TrainConfig:
 
     def rank(self) -> int:
         """The configured r, or the method's default."""
-        if self.r is not None:
-            return self.r
+        return self.default_rank() if self.r is None else self.r
+
+    def default_rank(self) -> int:
+        """The method's default r for this objective."""
         spec = method_spec(self.method)
         if self.objective == "dpo" and spec.preference_defaults:
             return spec.preference_defaults[0]
@@ -224,7 +226,7 @@ class TrainConfig:
 
     def method_settings(self) -> MethodSettings:
         """What attaching the run's method needs."""
-        fit_r = self.rank() == dataclasses.replace(self, r=None).rank()  # the default, also as a run folder records it
+        fit_r = self.rank() == self.default_rank()  # the default, also as a run folder records it
         return MethodSettings(r=self.rank(), fit_r=fit_r, target_modules=self.target_modules,
                               seed=self.seed, keys=self.option_group(self.method))
 
