@@ -82,10 +82,19 @@ def test_compiled_modules_keep_the_original():
     assert compat.uncompiled(linear) is linear
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_backward_is_what_autograd_gives_a_softmax(dtype):
+    scores = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(1)).to(dtype)
+    output = torch.softmax(scores, -1)
+    output.backward(grad)
+    torch.testing.assert_close(compat.softmax_backward(grad, output.detach(), -1), scores.grad)
+
+
 def test_cpu_bf16_detection_and_the_donated_buffer_switch_exist():
     import torch._functorch.config
 
-    assert isinstance(compat.cpu_has_bf16_matmul(), bool)
+    assert isinstance(compat.cpu_has_bf16_matmul(), bool) and isinstance(compat.cpu_has_amx_tiles(), bool)
     assert isinstance(torch._functorch.config.donated_buffer, bool)
     compat.allow_retained_graphs_in_compiled_code()
     assert torch._functorch.config.donated_buffer is False

@@ -144,9 +144,20 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient of a softmax's input from its ``output`` and the gradient of that output, in one fused kernel
+    (``torch._softmax_backward_data``, what autograd runs for ``torch.softmax``)."""
+    return torch._softmax_backward_data(grad_output, output, dim, output.dtype)
+
+
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch's CPU backend detects."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or cpu_has_amx_tiles())
+
+
+def cpu_has_amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles, as PyTorch's CPU backend detects."""
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def allow_retained_graphs_in_compiled_code() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanft.core.compat import cpu_has_bf16_matmul
+from leanft.core.compat import cpu_has_amx_tiles, cpu_has_bf16_matmul
 
 
 def bf16_supported(device_type: str) -> bool:
@@ -28,7 +28,7 @@ def precision_choice(device_type: str, setting: str) -> str:
     native = bf16_supported(device_type)
     if device_type == "cuda":
         hardware = f"{torch.cuda.get_device_name()} computes bf16" if native else "this GPU has no native bf16"
-    elif torch.cpu._is_amx_tile_supported():
+    elif cpu_has_amx_tiles():
         hardware = "AMX"
     elif native:
         hardware = "AVX-512 BF16"
