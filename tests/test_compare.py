@@ -158,3 +158,44 @@ def test_parse_keeps_train_keys_for_the_shared_config():
     assert (options.variants, options.eval_every, path, overrides) == ("lora,paca", 3, "cfg.yaml", ["lr=1e-3"])
     with pytest.raises(LeanftError):
         parse_compare_args(["variants="])
+
+
+def test_turns_go_round_in_order_and_skip_finished_processes():
+    import multiprocessing
+    import threading
+
+    from leanft.studies.interleave import Turns
+
+    turns, taken, steps = Turns(multiprocessing.get_context("spawn"), 3), [], {0: 3, 1: 1, 2: 2}
+
+    def worker(index):
+        turns.wait(index)
+        for step in range(steps[index]):
+            if step:
+                turns.pass_on(index)
+                turns.wait(index)
+            taken.append((index, step))
+        turns.finish(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (2, 0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert taken == [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]  # one step each in turn; 1 is done after one
+
+
+def test_interleaved_variants_train_as_they_do_one_after_another(model_dir, data_file, tmp_path):
+    import time
+
+    shared = [f"model={model_dir}", f"data={data_file}", "variants=lora,paca", "eval_every=2", *TINY]
+    alone = run_compare([*shared, f"output_dir={tmp_path / 'alone'}"])
+    began = time.perf_counter()
+    turns = run_compare([*shared, f"output_dir={tmp_path / 'turns'}", "interleave=true"])
+    wall = time.perf_counter() - began
+    assert turns["settings"]["interleave"] is True
+    for one, other in zip(alone["variants"], turns["variants"], strict=True):
+        assert [p["heldout_loss"] for p in one["curve"]] == pytest.approx([p["heldout_loss"] for p in other["curve"]])
+    assert sum(row["train_time_s"] for row in turns["variants"]) < wall  # waiting for a turn is not training time
+    baseline = json.loads((tmp_path / "turns" / "lora" / "baseline.json").read_text())
+    assert json.loads((tmp_path / "turns" / "paca" / "baseline.json").read_text()) == baseline

@@ -71,21 +71,31 @@ def test_a_test_only_method_is_one_entry_with_its_keys(toy, model_dir, data_file
 
 def test_old_flat_keys_are_read_with_a_one_line_note(caplog):
     with caplog.at_level(logging.WARNING):
-        config = load_config(None, ["lora_alpha=32", "paca_columns=activation", "s2ft_ffn=0.1", "s2ft_heads=0.5"])
-    assert config.option_group("lora").alpha == 32 and config.option_group("paca").columns == "activation"
+        config = load_config(None, ["lora_alpha=32", "paca_columns=random", "s2ft_ffn=0.1", "s2ft_heads=0.5"])
+    assert config.option_group("lora").alpha == 32 and config.option_group("paca") is None
     assert (config.option_group("s2ft").ffn, config.option_group("s2ft").heads) == (0.1, 0.5)
     assert "lora_alpha is now lora.alpha" in caplog.text
 
 
+def test_a_retired_key_is_read_at_todays_value_and_refused_at_another(tmp_path, capsys):
+    saved = tmp_path / "run_config.yaml"  # an older run folder's config
+    saved.write_text(yaml.safe_dump({"method": "paca", "paca": {"columns": "random"}}))
+    assert flat_items(load_config(saved)) == flat_items(load_config(None, ["method=paca"]))
+    for key in ("paca.columns", "paca_columns"):
+        assert main(["train", f"{key}=activation", f"output_dir={tmp_path / 'run'}"]) == 2
+        assert "paca.columns is no longer a key" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_method_keys_round_trip_through_yaml_and_the_variant_grammar(tmp_path):
-    config = load_config(None, ["lora.alpha=8", "paca.columns=gradient"])
+    config = load_config(None, ["lora.alpha=8", "s2ft.heads=0.25"])
     data = config_to_dict(config)
     assert "method_keys" not in data and data["lora"] == {"alpha": 8} and data["s2ft"]["ffn"] == 0.05
     path = tmp_path / "run_config.yaml"
     path.write_text(yaml.safe_dump(data))
     assert flat_items(load_config(path)) == flat_items(config)
-    assert variant_overrides("paca+dropbp:columns=activation:warmup=0.2:r=32") == [
-        "paca.columns=activation", "dropbp.warmup=0.2", "r=32"]
+    assert variant_overrides("lora+dropbp:alpha=32:warmup=0.2:r=32") == [
+        "lora.alpha=32", "dropbp.warmup=0.2", "r=32"]
     assert "method_keys" not in "\n".join(config_help())
     with pytest.raises(LeanftError, match="unknown key 'method_keys'"):
         load_config(None, ["method_keys={}"])

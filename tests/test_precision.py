@@ -67,12 +67,13 @@ def test_a_bf16_run_trains_fp32_columns_on_a_bf16_base_and_saves_them(model_dir,
 
 @pytest.mark.parametrize("setting", ["false", "auto"])
 def test_bf16_false_keeps_the_fp32_path_and_auto_follows_the_hardware(model_dir, data_file, tmp_path, setting):
+    from leanft.run.callbacks import TrainingClock
     from leanft.run.config import load_config
     from leanft.run.train import build_trainer, load_inputs
 
     config = load_config(None, run_args(model_dir, data_file, tmp_path / "run", f"bf16={setting}")[1:])
     inputs = load_inputs(config, tmp_path / "run")
-    trainer = build_trainer(inputs, config, []).trainer
+    trainer = build_trainer(inputs, config, [], TrainingClock()).trainer
     on = setting == "auto" and bf16_supported("cpu")
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16 if on else torch.float32}

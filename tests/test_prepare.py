@@ -45,6 +45,7 @@ def set_up_as(model, controller) -> dict:
 def test_bench_and_fidelity_set_up_the_model_train_does(model_dir, data_file, tmp_path):
     """For one config (bf16 on, DropBP 0.5 with the top-up sampler, checkpointing, seed 3), train's model, bench's
     worker model and fidelity's model have the same base and trainable dtypes, trained columns and DropBP."""
+    from leanft.run.callbacks import TrainingClock
     from leanft.run.train import build_trainer, load_inputs
     from leanft.studies.bench_options import parse_bench_options
     from leanft.studies.bench_worker import Trainee
@@ -53,7 +54,7 @@ def test_bench_and_fidelity_set_up_the_model_train_does(model_dir, data_file, tm
     keys = [f"model={model_dir}", f"data={data_file}", "bf16=true", "dropbp.rate=0.5", "dropbp.sampler=topup",
             "seed=3", "r=4", "gradient_checkpointing=true", "max_steps=2", f"output_dir={tmp_path / 'run'}"]
     config = load_config(None, keys)
-    run = build_trainer(load_inputs(config, tmp_path / "run"), config, [])
+    run = build_trainer(load_inputs(config, tmp_path / "run"), config, [], TrainingClock())
     train = set_up_as(run.trainer.model, run.controller)
     assert train["frozen"] == {torch.bfloat16} and train["columns"] and train["dropbp"][0] == "topup"
 

@@ -226,7 +226,7 @@ def test_bad_inputs_against_an_existing_run_change_nothing(model_dir, data_file,
         (["merge", str(stopped), str(tmp_path / "merged")], "not a finished leanft run"),
         (["eval", str(finished), "r=4"], "cannot change"),
         (["eval", str(finished), "s2ft.ffn=0.5"], "s2ft.ffn of a trained run cannot change"),
-        (["eval", str(finished), "paca.columns=activation"], "paca.columns of a trained run cannot change"),
+        (["eval", str(finished), "lora.alpha=4"], "lora.alpha of a trained run cannot change"),
         (["eval", str(tmp_path)], "not a leanft run folder"),
     ]
     before = {folder: snapshot(folder) for folder in (finished, stopped)}

@@ -12,7 +12,6 @@ ALLOCATIONS = ("leanft", "official")  # DropBP's sensitivity rule and greedy cos
 SAMPLERS = ("bernoulli", "topup")  # how DropBP draws a step's pattern
 CANDIDATE_RATES = (0.5, 0.4, 0.3, 0.2, 0.1)  # dropbp.rate=auto tries these, largest first
 DEFAULT_THRESHOLD = 0.8  # dropbp.rate=auto: the lowest accepted mean per-tensor gradient cosine
-COLUMN_CHOICES = ("random", "activation", "gradient")  # how PaCA picks its columns
 QUANTIZE_CHOICES = ("4bit",)
 COMM_HOOKS = ("fp16", "bf16", "powersgd")  # DDP gradient compression
 LEANFT_LOSS = "leanft"  # leanft's own chunked loss
@@ -33,12 +32,6 @@ def check_schedule(warmup: float, cooldown: float) -> None:
         raise LeanftError(
             f"warmup and cooldown must be shares of training in [0, 1] adding up to at most 1, got {warmup}, {cooldown}"
         )
-
-
-def check_column_choice(choice: str) -> None:
-    """Raise a LeanftError unless ``choice`` is one of ``COLUMN_CHOICES``."""
-    if choice not in COLUMN_CHOICES:
-        raise LeanftError(f"paca.columns must be one of {', '.join(COLUMN_CHOICES)}, got {choice!r}")
 
 
 def comm_hook_problem(hook: str | None, cuda: bool) -> str | None:

@@ -128,8 +128,8 @@ def apply_paca(
     """Replace targeted linears by PaCA layers in place and freeze every other parameter; returns ``model``.
 
     ``columns`` picks each layer's ``r`` columns: ``"random"`` (the paper), ``"weight_norm"`` (largest weight
-    norm), or a dict of scores per layer name, one value per input column (e.g. from
-    ``leanft.core.paca_columns``), whose ``r`` highest-scoring columns train.
+    norm), or a dict of scores per layer name, one value per input column, whose ``r`` highest-scoring columns
+    train.
     """
     names = check_paca_targets(model, r, target_modules)
     generator = torch.Generator().manual_seed(seed)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,27 +17,52 @@ from leanft.run.evaluate import heldout_loss
 from leanft.run.files import LOSS_CURVE_FILE, METRICS_FILE
 
 
-class RunLogCallback(TrainerCallback):
-    """A tqdm bar with loss and tokens/s, and one JSON line per log event in ``metrics.jsonl``."""
+class TrainingClock:
+    """A run's clock: seconds since ``start`` less the spans spent ``paused`` (waiting while another run of an
+    interleaved study trains, say). Evaluations are not paused here: ``HeldoutCurveCallback`` sets them apart."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.paused_s = 0.0
+
+    def start(self) -> None:
+        """Start counting from now."""
+        self.started, self.paused_s = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        """Seconds counted so far."""
+        return time.perf_counter() - self.started - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The block's time is not counted."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - began
+
+
+class RunLogCallback(TrainerCallback):
+    """A tqdm bar with loss and tokens/s, and one JSON line per log event in ``metrics.jsonl``; starts ``clock``."""
+
+    def __init__(self, run_dir: str | Path, clock: TrainingClock | None = None) -> None:
         self.metrics_path = Path(run_dir) / METRICS_FILE
+        self.clock = clock or TrainingClock()
         self.bar: tqdm | None = None
         self.state: TrainerState | None = None  # the Trainer's, once training began
-        self.started = 0.0
         self.first_tokens = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Open the bar at the current step (non-zero on resume)."""
-        self.started, self.state = time.perf_counter(), state
-        self.first_tokens = state.num_input_tokens_seen
+        """Start the clock; open the bar at the current step (non-zero on resume)."""
+        self.clock.start()
+        self.state, self.first_tokens = state, state.num_input_tokens_seen
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
 
     def tokens_per_second(self, state: TrainerState) -> float:
         """Input tokens (non-padding) per second of this run so far."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return (state.num_input_tokens_seen - self.first_tokens) / elapsed
+        return (state.num_input_tokens_seen - self.first_tokens) / max(self.clock.seconds(), 1e-9)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Advance the bar."""
@@ -46,7 +73,7 @@ class RunLogCallback(TrainerCallback):
         """Append the logged values (with step, elapsed time and tokens/s) to metrics.jsonl."""
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        record = {"step": state.global_step, "elapsed_s": round(self.clock.seconds(), 3)}
         record["tokens_per_s"] = round(self.tokens_per_second(state), 1)
         record.update({key: value for key, value in logs.items() if isinstance(value, (int, float))})
         with self.metrics_path.open("a") as handle:
@@ -66,29 +93,30 @@ class RunLogCallback(TrainerCallback):
 
 
 class HeldoutCurveCallback(TrainerCallback):
-    """Held-out loss every ``every`` steps against the training time so far, evaluation time excluded.
+    """Held-out loss every ``every`` steps against the training time so far (the run log's clock), evaluation
+    time excluded.
 
-    Each point goes to ``points`` and, as ``eval_loss``, to ``metrics.jsonl`` (so the loss-curve PNG shows it).
+    Each point goes to ``points`` and, as ``eval_loss``, to the run log's ``metrics.jsonl`` (so the loss-curve
+    PNG shows it).
     """
 
-    def __init__(self, run_dir: str | Path, features: list, pad_token_id: int, every: int) -> None:
-        self.metrics_path = Path(run_dir) / METRICS_FILE
+    def __init__(self, log: RunLogCallback, features: list, pad_token_id: int, every: int) -> None:
+        self.metrics_path, self.clock = log.metrics_path, log.clock
         self.features, self.pad_token_id, self.every = features, pad_token_id, every
         self.points: list[dict] = []
-        self.started = 0.0
         self.eval_seconds = 0.0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Start the training clock."""
-        self.started, self.eval_seconds = time.perf_counter(), 0.0
+        """No evaluation time yet."""
+        self.eval_seconds = 0.0
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Measure the held-out loss at every ``every``-th step and at the last one."""
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
-        began = time.perf_counter()
+        began, trained = time.perf_counter(), self.clock.seconds() - self.eval_seconds
         values, logged = self.measure(kwargs["model"])
-        point = {"step": state.global_step, "time_s": round(began - self.started - self.eval_seconds, 3)}
+        point = {"step": state.global_step, "time_s": round(trained, 3)}
         self.points.append({**point, **values})
         self.eval_seconds += time.perf_counter() - began
         if state.is_world_process_zero:

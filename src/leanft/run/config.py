@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 # keys of an earlier release, still read (run_config.yaml files of older runs hold them), and their spellings now
 OLD_KEYS = {"lora_alpha": "lora.alpha", "paca_columns": "paca.columns", "s2ft_ffn": "s2ft.ffn",
             "s2ft_heads": "s2ft.heads"}  # fmt: skip
+# keys of an earlier release that are gone: (the value that is today's behaviour, which is read and skipped; why)
+RETIRED_KEYS = {"paca.columns": ("random", "PaCA trains random columns; the data-aware choices lost to them on "
+                                           "every data set measured (README: the default, chosen on real data)")}
 
 REPORTERS = ("tensorboard", "wandb")  # each is also the name of the package it needs
 
@@ -179,6 +182,20 @@ class TrainConfig:
     def option_alias(self, key: str) -> str | None:
         """The current spelling of a key of an earlier release (``lora_alpha`` is ``lora.alpha``), else None."""
         return OLD_KEYS.get(key)
+
+    @staticmethod
+    def option_retired(key: str, value: object) -> bool:
+        """True for a key of an earlier release that is gone, set to what leanft does today (older run folders
+        hold it: it is skipped); another value of it is refused with the reason. A group of only such keys (YAML's
+        ``paca: {columns: random}``) is one too."""
+        if isinstance(value, dict) and value and all(f"{key}.{sub}" in RETIRED_KEYS for sub in value):
+            return all(TrainConfig.option_retired(f"{key}.{sub}", item) for sub, item in value.items())
+        if key not in RETIRED_KEYS:
+            return False
+        kept, reason = RETIRED_KEYS[key]
+        if value != kept:
+            raise LeanftError(f"{key} is no longer a key: {reason}; drop {key}={value}")
+        return True
 
     def rank(self) -> int:
         """The configured r, or the method's default."""

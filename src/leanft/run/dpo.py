@@ -85,8 +85,9 @@ def reference_logps(inputs: PreferenceInputs, config: TrainConfig) -> tuple[torc
 class PreferenceCurveCallback(HeldoutCurveCallback):
     """Held-out preference metrics every ``every`` steps; ``eval_loss`` in ``metrics.jsonl`` is the DPO loss."""
 
-    def __init__(self, run_dir: Path, features: list, pad_token_id: int, every: int, reference, beta: float) -> None:
-        super().__init__(run_dir, features, pad_token_id, every)
+    def __init__(self, log: RunLogCallback, features: list, pad_token_id: int, every: int, reference, beta: float
+                 ) -> None:  # fmt: skip
+        super().__init__(log, features, pad_token_id, every)
         self.reference, self.beta = reference, beta
 
     def measure(self, model) -> tuple[dict, dict]:
@@ -106,11 +107,11 @@ def build_dpo_trainer(
 
     pad = inputs.tokenizer.pad_token_id
     examples = [chosen_example(f) for f in inputs.features[: max(config.batch_size, config.dropbp.allocation_samples)]]
-    prepared = prepare_model(inputs.model, config, parts.calibration_batch(config, inputs.model, examples, pad))
+    prepared = prepare_model(inputs.model, config)
     model, controller = prepared.model, prepared.controller
     run_callbacks = RunCallbacks(RunLogCallback(inputs.run_dir), InterruptCallback())
     if config.eval_steps and reference is not None:
-        run_callbacks.curve = PreferenceCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps,
+        run_callbacks.curve = PreferenceCurveCallback(run_callbacks.log, inputs.eval_features, pad, config.eval_steps,
                                                  reference, config.dpo.beta)  # fmt: skip
     if controller is not None:
         parts.add_dropbp_callback(run_callbacks, config, controller, examples, Collator(pad))

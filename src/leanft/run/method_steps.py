@@ -15,10 +15,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from leanft.core.errors import LeanftError
 from leanft.core.paca import apply_paca, check_paca_targets, merge_paca, narrowest_input, target_names
-from leanft.core.paca_columns import column_scores
 from leanft.core.quant import dequantize_model, is_quantized, merge_qlora
 from leanft.core.s2ft import apply_s2ft, s2ft_columns
-from leanft.run.methods import LoraKeys, MethodSettings, PacaKeys, S2ftKeys, parse_target_modules
+from leanft.run.methods import LoraKeys, MethodSettings, S2ftKeys, parse_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +36,14 @@ def paca_columns_per_layer(model: PreTrainedModel, settings: MethodSettings) -> 
 
 
 def attach_paca(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:
-    """PaCA layers on the targeted linears, columns chosen as ``paca.columns`` says."""
+    """PaCA layers on the targeted linears, each training r random input columns (the paper's choice)."""
     targets = parse_target_modules(settings.target_modules)
-    r = paca_columns_per_layer(model, settings)
-    names = check_paca_targets(model, r, targets)
-    scores = column_scores(model, names, settings.calibration, settings.own(PacaKeys).columns)
-    return apply_paca(model, r=r, target_modules=targets, seed=settings.seed,
-                      columns="random" if scores is None else scores)
+    return apply_paca(model, r=paca_columns_per_layer(model, settings), target_modules=targets, seed=settings.seed)
 
 
 def check_paca(model: PreTrainedModel, settings: MethodSettings) -> None:
-    """Raise what ``attach_paca`` would (targets, r, column choice), leaving the model unchanged."""
+    """Raise what ``attach_paca`` would (targets, r), leaving the model unchanged."""
     check_paca_targets(model, paca_columns_per_layer(model, settings), parse_target_modules(settings.target_modules))
-    settings.own(PacaKeys).validate(in_use=True)
 
 
 def attach_s2ft(model: PreTrainedModel, settings: MethodSettings) -> nn.Module:

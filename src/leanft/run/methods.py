@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from leanft.core.choices import check_column_choice
 from leanft.core.errors import LeanftError
 from leanft.run.options import doc
 
@@ -27,21 +26,6 @@ if TYPE_CHECKING:
 STEPS = "leanft.run.method_steps"  # the functions below name what they run there, imported on first use
 PACA = "leanft.core.paca"
 ADAPTER = "leanft.run.peft_adapter"
-
-
-@dataclass
-class PacaKeys:
-    """``paca.*``: PaCA's own keys."""
-
-    columns: str = doc(
-        "which input columns PaCA trains: random (the paper) | activation (largest activation norm) | gradient "
-        "(largest full-weight gradient norm), both scored on the first training batch",
-        "random",
-    )
-
-    def validate(self, in_use: bool) -> None:
-        """Raise a LeanftError for a bad value (``in_use``: the run trains with PaCA)."""
-        check_column_choice(self.columns)
 
 
 @dataclass
@@ -76,7 +60,6 @@ class MethodSettings:
     target_modules: str = "all-linear"
     seed: int = 0
     keys: object | None = None  # the method's own keys (its ``MethodSpec.keys``); None: their defaults
-    calibration: dict | None = None  # a training batch (tensors on the model's device)
 
     def own(self, spec_keys: type):
         """The method's own keys: those given, else the defaults of ``spec_keys``."""
@@ -139,7 +122,7 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec(name="paca", label="PaCA", short_label="PaCA", default_lr=1.5e-3, default_r=64, quantized="qpaca",
                    preference_defaults=(32, 3e-4),
-                   attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"), keys=PacaKeys,
+                   attach=lazy("attach_paca"), check=lazy("check_paca"), merge=lazy("merge_columns"),
                    **PACA_FILES),
         MethodSpec(name="s2ft", label="S2FT", short_label="S2FT", default_lr=1e-2, quantized=None,
                    attach=lazy("attach_s2ft"), check=lazy("check_s2ft"), merge=lazy("merge_columns"), keys=S2ftKeys,

@@ -63,13 +63,17 @@ def coerce(value: object, kind: object, key: str) -> object:
 def assign(target: object, key: str, value: object, command: str, prefix: str = "") -> None:
     """Set the (dotted) option ``key`` of the dataclass ``target`` to ``value`` converted to its type.
 
-    A target may offer more groups than its fields (``option_group(name)``: a dataclass, or None), and the
-    current spelling of an old key (``option_alias(key)``: the new key, or None).
+    A target may offer more groups than its fields (``option_group(name)``: a dataclass, or None), the
+    current spelling of an old key (``option_alias(key)``: the new key, or None), and keys it no longer has
+    (``option_retired(key, value)``: True to skip the key, raising a LeanftError where its value is not today's
+    behaviour).
     """
     alias = getattr(target, "option_alias", lambda _: None)(key)
     if alias is not None:
         logger.warning("%s%s is now %s%s: the old spelling is read until leanft 0.3", prefix, key, prefix, alias)
         return assign(target, alias, value, command, prefix)
+    if getattr(target, "option_retired", lambda *_: False)(key, value):
+        return None
     types_by_name = _field_types(type(target))
     head, _, rest = key.partition(".")
     full = prefix + head

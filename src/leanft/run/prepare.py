@@ -14,7 +14,6 @@ attention for padding-free batches.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -38,14 +37,11 @@ class PreparedModel:
 
 
 def prepare_model(
-    model: nn.Module, config: TrainConfig, calibration: dict | None = None, dropbp_rate: float | None = None
+    model: nn.Module, config: TrainConfig, dropbp_rate: float | None = None
 ) -> PreparedModel:
     """Run ``STEPS`` on a loaded ``model`` as ``config`` says. ``dropbp_rate`` attaches DropBP at that rate whatever
     the config's (a study that sets rates itself); else DropBP is on where the config's starting rate is > 0."""
-    settings = config.method_settings()
-    if calibration is not None:
-        settings = dataclasses.replace(settings, calibration=calibration)
-    prepared = PreparedModel(attach_method(model, config.method, settings), None, ["method"])
+    prepared = PreparedModel(attach_method(model, config.method, config.method_settings()), None, ["method"])
     if config.uses_bf16():
         trainable_in_fp32(prepared.model)
         prepared.steps.append("precision")

@@ -17,10 +17,9 @@ from leanft.core.callback import DropBPCallback, DropSchedule
 from leanft.core.distributed import is_main_process, shared_atomic_dir, world_size
 from leanft.core.dropbp import DropBP
 from leanft.core.fileio import atomic_dir
-from leanft.core.packed import POSITIONS, varlen_sdpa
+from leanft.core.packed import varlen_sdpa
 from leanft.run.callbacks import RunLogCallback, trim_metrics
 from leanft.run.config import TrainConfig
-from leanft.run.data import Collator
 from leanft.run.files import ADAPTER_DIR
 from leanft.run.methods import load_trained, method_spec
 from leanft.run.models import load_model_and_tokenizer
@@ -108,15 +107,6 @@ def trainer_options(
         settings=TrainerSettings.from_config(config),
         extra_metrics=functools.partial(run_metrics, callbacks.log, controller),
     )
-
-
-def calibration_batch(config: TrainConfig, model, features, pad_token_id: int) -> dict | None:
-    """PaCA's data-aware columns (``paca.columns`` other than random) are scored on the first training batch of
-    ``features`` (supervised examples), as one padding-free row; None where nothing is scored."""
-    if config.method != "paca" or config.option_group("paca").columns == "random":
-        return None
-    collator = Collator(pad_token_id, POSITIONS)  # one row, no padding in the scores
-    return on_device(collator(first_examples(features, config.batch_size)), next(model.parameters()).device)
 
 
 def add_dropbp_callback(callbacks: RunCallbacks, config: TrainConfig, controller: DropBP, features, collator) -> None:

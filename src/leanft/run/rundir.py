@@ -27,7 +27,7 @@ from leanft.run.models import load_model_and_tokenizer
 # what a trained run's model is made of: the base, the method, the settings every method reads (MethodSettings)
 # and each method's own keys (``lora.alpha``, ...: see ``model_keys``)
 MODEL_KEYS = ("model", "quantize", "method",
-              *(item.name for item in fields(MethodSettings) if item.name not in ("keys", "calibration")))  # fmt: skip
+              *(item.name for item in fields(MethodSettings) if item.name != "keys"))  # fmt: skip
 
 
 def model_keys(flat: dict[str, object]) -> list[str]:

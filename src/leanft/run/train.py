@@ -20,7 +20,13 @@ from leanft.core.distributed import init_distributed, is_main_process, run_on_ma
 from leanft.core.errors import LeanftError
 from leanft.core.fileio import write_json
 from leanft.core.packed import POSITIONS, packed_attention_mode, varlen_sdpa
-from leanft.run.callbacks import HeldoutCurveCallback, InterruptCallback, RunLogCallback, plot_loss_curve
+from leanft.run.callbacks import (
+    HeldoutCurveCallback,
+    InterruptCallback,
+    RunLogCallback,
+    TrainingClock,
+    plot_loss_curve,
+)
 from leanft.run.config import TrainConfig
 from leanft.run.data import Collator, TokenizedStream, tokenize_and_count
 from leanft.run.evaluate import eval_settings, evaluate
@@ -28,7 +34,6 @@ from leanft.run.files import BASELINE_FILE, SUMMARY_FILE
 from leanft.run.prepare import prepare_model
 from leanft.run.run_parts import (
     add_dropbp_callback,
-    calibration_batch,
     fit,
     load_checked_model,
     open_run_dir,
@@ -86,19 +91,18 @@ def evaluate_baseline(inputs: RunInputs, config: TrainConfig, known: dict | None
     return baseline
 
 
-def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list) -> Run:
+def build_trainer(inputs: RunInputs, config: TrainConfig, extra_callbacks: list, clock: TrainingClock) -> Run:
     """Set the model up (``prepare_model``: method, precision, compile, DropBP, checkpointing), then the Trainer with
-    leanft's callbacks: the ``Run`` that training fills in."""
-    calibration = calibration_batch(config, inputs.model, inputs.features, inputs.tokenizer.pad_token_id)
-    prepared = prepare_model(inputs.model, config, calibration)
+    leanft's callbacks, timed by ``clock``: the ``Run`` that training fills in."""
+    prepared = prepare_model(inputs.model, config)
     model, controller = prepared.model, prepared.controller
     collator = training_collator(config, model, inputs.tokenizer.pad_token_id)
     if config.fsdp:
         shard_for_trainer(model)
-    callbacks = RunCallbacks(RunLogCallback(inputs.run_dir), InterruptCallback())
+    callbacks = RunCallbacks(RunLogCallback(inputs.run_dir, clock), InterruptCallback())
     if config.eval_steps:
         pad = inputs.tokenizer.pad_token_id
-        callbacks.curve = HeldoutCurveCallback(inputs.run_dir, inputs.eval_features, pad, config.eval_steps)
+        callbacks.curve = HeldoutCurveCallback(callbacks.log, inputs.eval_features, pad, config.eval_steps)
     if controller is not None:
         allocation_collator = dataclasses.replace(collator)  # its batches are not training's: counted apart
         add_dropbp_callback(callbacks, config, controller, inputs.features, allocation_collator)
@@ -130,11 +134,17 @@ def training_collator(config: TrainConfig, model, pad_token_id: int) -> Collator
     return Collator(pad_token_id, mode, mask_dtype=model.get_input_embeddings().weight.dtype)
 
 
-def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    callbacks: list | None = None,
+    baseline: dict | None = None,
+    clock: TrainingClock | None = None,
+) -> dict:
     """Fine-tune as ``config`` says; returns the summary also written to ``summary.json`` (empty on other ranks).
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects for the Trainer; ``baseline`` is the
-    untrained model's ``{"loss", "accuracy"}`` on the same held-out data where already known.
+    untrained model's ``{"loss", "accuracy"}`` on the same held-out data where already known; ``clock`` times the
+    training (tokens/s, the held-out curve), so a caller may pause it while the run waits (default: a new one).
     """
     config.validate()
     init_distributed(config.ddp_timeout)
@@ -144,13 +154,15 @@ def train(config: TrainConfig, callbacks: list | None = None, baseline: dict | N
             from leanft.run.dpo import train_preferences
 
             return train_preferences(config, run_dir, callbacks or [])
-        return run_training(load_inputs(config, run_dir), config, callbacks or [], baseline)
+        return run_training(load_inputs(config, run_dir), config, callbacks or [], baseline, clock or TrainingClock())
 
 
-def run_training(inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None) -> dict:
+def run_training(
+    inputs: RunInputs, config: TrainConfig, callbacks: list, baseline: dict | None, clock: TrainingClock
+) -> dict:
     """Baseline, training, final save and evaluation of a run whose inputs are loaded; returns the summary."""
     before = evaluate_baseline(inputs, config, baseline)
-    run = build_trainer(inputs, config, callbacks)
+    run = build_trainer(inputs, config, callbacks, clock)
     run.before = before
     run.wall_s = fit(run.trainer, run.callbacks, config, inputs.run_dir)
     model = save_final(run.trainer, config, inputs.run_dir)

@@ -63,6 +63,11 @@ class CompareOptions:
         f"half of a {PROBE_STEPS}-step probe run; null = every variant runs max_steps",
         None,
     )
+    interleave: bool = doc(
+        "train the variants in turns, one optimizer step each in rotation (one process per variant, all in "
+        "memory at once), so that drift in the machine's speed reaches them alike; false = one after another",
+        False,
+    )
 
     def validate(self) -> CompareOptions:
         """Raise a LeanftError naming the first bad option; normalises ``variants``; returns self."""
@@ -115,7 +120,11 @@ def run_variant(config: TrainConfig, baseline: dict | None) -> tuple[dict, list[
     """Train one variant; (its summary, its held-out curve with the untrained point at time 0)."""
     from leanft.run.train import train
 
-    summary = train(config, baseline=baseline)
+    return curve_of(train(config, baseline=baseline))
+
+
+def curve_of(summary: dict) -> tuple[dict, list[dict]]:
+    """(a variant's summary, its held-out curve with the untrained point at time 0)."""
     start = {"step": 0, "time_s": 0.0, "heldout_loss": summary["heldout_loss_before"]}
     return summary, [start, *summary["heldout_curve"]]
 
@@ -146,6 +155,46 @@ def probe_step_time(config: TrainConfig, probe_dir: Path, baseline: dict | None)
 def budgeted(config: TrainConfig, budget_s: float, step_s: float) -> TrainConfig:
     """``config`` with as many steps as fit in ``budget_s`` at ``step_s`` seconds each (at least 1)."""
     return dataclasses.replace(config, max_steps=max(1, int(budget_s / step_s)))
+
+
+def train_variants(configs: dict[str, TrainConfig], options: CompareOptions, study_dir: Path) -> tuple:
+    """Train the variants one after another, each probed first with ``budget_s``; (summaries, curves, probe step
+    times) by variant name. The untrained model is evaluated once, by the first variant."""
+    summaries, curves, baseline, step_times = {}, {}, None, {}
+    for index, (name, config) in enumerate(configs.items(), start=1):
+        if options.budget_s is not None:
+            step_times[name] = probe_step_time(config, study_dir / PROBE_DIR / name, baseline)
+            config = budgeted_with_log(config, options.budget_s, step_times[name], f"[{index}/{len(configs)}] {name}")
+        logger.info("[%d/%d] %s: training %d steps", index, len(configs), name, config.max_steps)
+        summaries[name], curves[name] = run_variant(config, baseline)
+        if baseline is None:  # the untrained model is the same for every variant: evaluate it once
+            baseline = json.loads((Path(config.output_dir) / BASELINE_FILE).read_text())
+    return summaries, curves, step_times
+
+
+def train_interleaved_variants(configs: dict[str, TrainConfig], options: CompareOptions, study_dir: Path) -> tuple:
+    """Train the variants in turns (``leanft.studies.interleave``); with ``budget_s`` their probes run first, one
+    after another. (summaries, curves, probe step times) by variant name."""
+    from leanft.studies.interleave import train_interleaved
+
+    step_times, probe_baseline = {}, None
+    if options.budget_s is not None:
+        for name, config in configs.items():
+            step_times[name] = probe_step_time(config, study_dir / PROBE_DIR / name, probe_baseline)
+            configs = {**configs, name: budgeted_with_log(config, options.budget_s, step_times[name], name)}
+            probe_baseline = json.loads((study_dir / PROBE_DIR / next(iter(configs)) / BASELINE_FILE).read_text())
+    logger.info("training %s in turns, one optimizer step each: %s", ", ".join(configs),
+                ", ".join(f"{config.max_steps} steps" for config in configs.values()))  # fmt: skip
+    summaries = train_interleaved(list(configs.values()))
+    curves = {name: curve_of(summary)[1] for name, summary in zip(configs, summaries, strict=True)}
+    return dict(zip(configs, summaries, strict=True)), curves, step_times
+
+
+def budgeted_with_log(config: TrainConfig, budget_s: float, step_s: float, label: str) -> TrainConfig:
+    """``budgeted``, saying how many steps that gives."""
+    config = budgeted(config, budget_s, step_s)
+    logger.info("%s: %.2f s/step in its probe, so %d steps in %g s", label, step_s, config.max_steps, budget_s)
+    return config
 
 
 def study_results(names: Sequence[str], summaries: dict[str, dict], curves: dict[str, list[dict]]) -> list[dict]:
@@ -186,18 +235,8 @@ def run_compare(items: Sequence[str]) -> dict:
     study_dir = prepare_study_dir(base)
     configs = {name: variant_config(base, name, study_dir, options.eval_every) for name in names}
     study_dir.mkdir(parents=True, exist_ok=True)
-    summaries, curves, baseline, step_times = {}, {}, None, {}
-    for index, name in enumerate(names, start=1):
-        config = configs[name]
-        if options.budget_s is not None:
-            step_times[name] = probe_step_time(config, study_dir / PROBE_DIR / name, baseline)
-            config = budgeted(config, options.budget_s, step_times[name])
-            logger.info("[%d/%d] %s: %.2f s/step in its probe, so %d steps in %g s", index, len(names), name,
-                        step_times[name], config.max_steps, options.budget_s)
-        logger.info("[%d/%d] %s: training %d steps", index, len(names), name, config.max_steps)
-        summaries[name], curves[name] = run_variant(config, baseline)
-        if baseline is None:  # the untrained model is the same for every variant: evaluate it once
-            baseline = json.loads((study_dir / names[0] / BASELINE_FILE).read_text())
+    trained = train_interleaved_variants if options.interleave else train_variants
+    summaries, curves, step_times = trained(configs, options, study_dir)
     rows = study_results(names, summaries, curves)
     for row in rows:
         row["probe_s_per_step"] = step_times.get(row["variant"])
@@ -205,7 +244,7 @@ def run_compare(items: Sequence[str]) -> dict:
         "baseline": names[0],
         "settings": {"model": base.model, "data": base.data, "max_steps": base.max_steps, "seed": base.seed,
                      "batch_size": base.batch_size, "r": base.r, "eval_every": options.eval_every,
-                     "budget_s": options.budget_s},
+                     "budget_s": options.budget_s, "interleave": options.interleave},
         "accuracy_before": summaries[names[0]]["accuracy_before"],
         "heldout_loss_before": summaries[names[0]]["heldout_loss_before"],
         "variants": rows,

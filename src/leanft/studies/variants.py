@@ -2,7 +2,7 @@
 
 ``METHOD`` is a registered method; ``+dropbp`` adds DropBP with allocated per-branch rates, ``+dropbp-uniform``
 with one rate for every branch. After colons a variant may set its own train keys (``VARIANT_TRAIN_KEYS``), its
-method's own keys (``paca:columns=activation`` is ``paca.columns``), dotted train keys, and DropBP's keys
+method's own keys (``lora:alpha=32`` is ``lora.alpha``), dotted train keys, and DropBP's keys
 (``paca+dropbp-uniform:rate=0.3:patterns_per_step=4`` sets ``dropbp.rate`` and ``dropbp.patterns_per_step``).
 """
 
@@ -16,11 +16,11 @@ from leanft.core.errors import LeanftError
 from leanft.run.config import TrainConfig, apply_overrides
 from leanft.run.methods import METHODS
 
-# a variant's own keys that are train keys; its method's own keys (``columns`` of paca) and DropBP's are the others
+# a variant's own keys that are train keys; its method's own keys (``alpha`` of lora) and DropBP's are the others
 VARIANT_TRAIN_KEYS = ("lr", "r", "target_modules", "warmup_ratio", "lr_scheduler", "bf16", "compile", "optimizer",
                       "seed", "quantize", "chunked_loss", "padding_free")  # fmt: skip
 STUDY_DROP_RATE = 0.5  # DropBP variants' rate where dropbp.rate is left at train's default (0 = off)
-EXAMPLES = ("paca:lr=0.01, paca:r=32:columns=activation, lora:alpha=32, s2ft:ffn=0.1, full:optimizer=apollo, "
+EXAMPLES = ("paca:lr=0.01, paca:r=32:lr=0.003, lora:alpha=32, s2ft:ffn=0.1, full:optimizer=apollo, "
             "paca:quantize=4bit, paca+dropbp:warmup=0.2:rate=0.3, paca+dropbp-uniform:rate=0.5:patterns_per_step=4")
 
 
@@ -57,7 +57,7 @@ def parse_variants(text: str) -> list[str]:
 
 def variant_overrides(name: str) -> list[str]:
     """The variant's own keys as train overrides: one of ``VARIANT_TRAIN_KEYS``, a key of its method's own
-    (``paca:columns=activation`` is ``paca.columns``), a dotted train key, or a DropBP key."""
+    (``lora:alpha=32`` is ``lora.alpha``), a dotted train key, or a DropBP key."""
     method = study_variants()[variant_base(name)]["method"]
     own = METHODS[method].keys
     own_names = {item.name for item in dataclasses.fields(own)} if own else set()
