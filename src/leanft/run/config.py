@@ -20,7 +20,7 @@ from leanft.run.dropbp_config import DropBPConfig
 from leanft.run.files import RUN_CONFIG_FILE
 from leanft.run.methods import METHODS, MethodSettings, method_spec, quantized_forms
 from leanft.run.optimizers import optimizer_problem
-from leanft.run.options import apply_items, assign, doc, options_help
+from leanft.run.options import apply_items, assign, doc, options_help, skip_retired
 from leanft.run.tasks import builtin_task
 
 if TYPE_CHECKING:
@@ -183,19 +183,9 @@ class TrainConfig:
         """The current spelling of a key of an earlier release (``lora_alpha`` is ``lora.alpha``), else None."""
         return OLD_KEYS.get(key)
 
-    @staticmethod
-    def option_retired(key: str, value: object) -> bool:
-        """True for a key of an earlier release that is gone, set to what leanft does today (older run folders
-        hold it: it is skipped); another value of it is refused with the reason. A group of only such keys (YAML's
-        ``paca: {columns: random}``) is one too."""
-        if isinstance(value, dict) and value and all(f"{key}.{sub}" in RETIRED_KEYS for sub in value):
-            return all(TrainConfig.option_retired(f"{key}.{sub}", item) for sub, item in value.items())
-        if key not in RETIRED_KEYS:
-            return False
-        kept, reason = RETIRED_KEYS[key]
-        if value != kept:
-            raise LeanftError(f"{key} is no longer a key: {reason}; drop {key}={value}")
-        return True
+    def option_retired(self, key: str, value: object) -> bool:
+        """Whether ``key`` is one of ``RETIRED_KEYS`` to skip (``options.skip_retired``)."""
+        return skip_retired(RETIRED_KEYS, key, value)
 
     def rank(self) -> int:
         """The configured r, or the method's default."""

@@ -95,6 +95,20 @@ def assign(target: object, key: str, value: object, command: str, prefix: str = 
     setattr(target, head, coerce(value, types_by_name[head], full))
 
 
+def skip_retired(retired: dict[str, tuple[object, str]], key: str, value: object) -> bool:
+    """True for a key of ``retired`` (key -> (the value that is today's behaviour, why it is gone)) set to that
+    value: older run folders hold it, and it is skipped. Another value is refused with the reason. A group of
+    only such keys (YAML's ``paca: {columns: random}``) is one too."""
+    if isinstance(value, dict) and value and all(f"{key}.{sub}" in retired for sub in value):
+        return all(skip_retired(retired, f"{key}.{sub}", item) for sub, item in value.items())
+    if key not in retired:
+        return False
+    kept, reason = retired[key]
+    if value != kept:
+        raise LeanftError(f"{key} is no longer a key: {reason}; drop {key}={value}")
+    return True
+
+
 def apply_items(target: object, items: Sequence[str], command: str) -> object:
     """Set ``key=value`` items (YAML values; nested keys with dots) on the dataclass ``target``; returns it."""
     for item in items:
