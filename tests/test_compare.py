@@ -199,3 +199,15 @@ def test_interleaved_variants_train_as_they_do_one_after_another(model_dir, data
     assert sum(row["train_time_s"] for row in turns["variants"]) < wall  # waiting for a turn is not training time
     baseline = json.loads((tmp_path / "turns" / "lora" / "baseline.json").read_text())
     assert json.loads((tmp_path / "turns" / "paca" / "baseline.json").read_text()) == baseline
+
+
+def test_an_interleaved_budgeted_study_probes_each_variant_first(model_dir, data_file, tmp_path):
+    study = tmp_path / "study"
+    items = [f"model={model_dir}", f"data={data_file}", f"output_dir={study}", "variants=lora,paca", "eval_every=5",
+             "budget_s=0.6", "interleave=true", *TINY, "max_steps=1000"]
+    result = run_compare(items)
+    assert result["settings"]["interleave"] is True
+    for row in result["variants"]:
+        assert (study / "probes" / row["variant"] / "summary.json").is_file()
+        assert row["probe_s_per_step"] > 0 and row["steps"] == max(1, int(0.6 / row["probe_s_per_step"])) < 1000
+        assert row["curve"][-1]["step"] == row["steps"]

@@ -177,17 +177,17 @@ def train_interleaved_variants(configs: dict[str, TrainConfig], options: Compare
     after another. (summaries, curves, probe step times) by variant name."""
     from leanft.studies.interleave import train_interleaved
 
-    step_times, probe_baseline = {}, None
+    step_times, probe_baseline, runs = {}, None, dict(configs)
     if options.budget_s is not None:
         for name, config in configs.items():
             step_times[name] = probe_step_time(config, study_dir / PROBE_DIR / name, probe_baseline)
-            configs = {**configs, name: budgeted_with_log(config, options.budget_s, step_times[name], name)}
-            probe_baseline = json.loads((study_dir / PROBE_DIR / next(iter(configs)) / BASELINE_FILE).read_text())
-    logger.info("training %s in turns, one optimizer step each: %s", ", ".join(configs),
-                ", ".join(f"{config.max_steps} steps" for config in configs.values()))  # fmt: skip
-    summaries = train_interleaved(list(configs.values()))
-    curves = {name: curve_of(summary)[1] for name, summary in zip(configs, summaries, strict=True)}
-    return dict(zip(configs, summaries, strict=True)), curves, step_times
+            runs[name] = budgeted_with_log(config, options.budget_s, step_times[name], name)
+            if probe_baseline is None:  # the probes share one evaluation of the untrained model, as the runs do
+                probe_baseline = json.loads((study_dir / PROBE_DIR / name / BASELINE_FILE).read_text())
+    logger.info("training %s in turns, one optimizer step each: %s", ", ".join(runs),
+                ", ".join(f"{config.max_steps} steps" for config in runs.values()))  # fmt: skip
+    summaries = dict(zip(runs, train_interleaved(list(runs.values())), strict=True))
+    return summaries, {name: curve_of(summary)[1] for name, summary in summaries.items()}, step_times
 
 
 def budgeted_with_log(config: TrainConfig, budget_s: float, step_s: float, label: str) -> TrainConfig:
