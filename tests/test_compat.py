@@ -91,6 +91,16 @@ def test_softmax_backward_is_what_autograd_gives_a_softmax(dtype):
     torch.testing.assert_close(compat.softmax_backward(grad, output.detach(), -1), scores.grad)
 
 
+def test_tensor_version_counts_in_place_writes_only():
+    tensor = torch.zeros(3, 4)
+    before = compat.tensor_version(tensor)
+    tensor[:, 1:2].add_(1)  # through a view
+    tensor.index_copy_(1, torch.tensor([0]), torch.ones(3, 1))
+    assert compat.tensor_version(tensor) == before + 2
+    tensor.clone().add_(1)
+    assert compat.tensor_version(tensor) == before + 2
+
+
 def test_cpu_bf16_detection_and_the_donated_buffer_switch_exist():
     import torch._functorch.config
 

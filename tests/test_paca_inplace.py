@@ -73,3 +73,48 @@ def test_loading_other_columns_restores_the_original_ones_first(tmp_path):
     torch.testing.assert_close(other(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
     leanft.remove_paca(other)
     torch.testing.assert_close(other(**batch).logits, base(**batch).logits, rtol=0, atol=0)
+
+
+def _layer_and_reference(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = leanft.apply_paca(torch.nn.Sequential(torch.nn.Linear(10, 6)), r=3, seed=seed)
+    return model, torch.randn(4, 10)
+
+
+def _expected(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x @ layer.merged_weight().t() + layer.bias
+
+
+def test_columns_changed_behind_the_version_counter_still_take_effect():
+    """Optimizers such as apollo-torch write ``p.data``, which no version counter sees."""
+    model, x = _layer_and_reference()
+    layer = model[0]
+    model(x)
+    layer.paca_weight.data.add_(0.5)  # invisible to _version
+    torch.testing.assert_close(model(x), _expected(layer, x), rtol=0, atol=0)
+    assert torch.equal(layer.weight[:, layer.paca_index], layer.paca_weight)
+
+
+def test_new_columns_without_new_values_take_effect():
+    model, x = _layer_and_reference()
+    layer = model[0]
+    with torch.no_grad():
+        layer.paca_weight.add_(1.0)
+    model(x)
+    layer.set_index(torch.tensor([0, 4, 9]))  # paca_weight keeps its values, now for other columns
+    torch.testing.assert_close(model(x), _expected(layer, x), rtol=0, atol=0)
+    untouched = [c for c in range(10) if c not in (0, 4, 9)]
+    original = leanft.remove_paca(copy.deepcopy(model))[0].weight
+    assert torch.equal(layer.weight[:, untouched], original[:, untouched])
+
+
+def test_a_steady_training_step_never_compares_the_weight_with_its_columns(monkeypatch):
+    from leanft.core import paca_layer
+
+    model = leanft.apply_paca(tiny_model("llama"), r=4, seed=2)
+    sgd_steps(model, steps=1)
+    calls = []
+    original = paca_layer.effective_weight
+    monkeypatch.setattr(paca_layer, "effective_weight", lambda *a: calls.append(1) or original(*a))
+    sgd_steps(model, steps=2)  # a step after an optimizer update writes the new columns, compares nothing
+    assert calls == []

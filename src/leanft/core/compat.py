@@ -150,6 +150,11 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int) 
     return torch._softmax_backward_data(grad_output, output, dim, output.dtype)
 
 
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter (``Tensor._version``): every in-place write to it or a view of it adds one."""
+    return tensor._version
+
+
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch's CPU backend detects."""
     return bool(torch.cpu._is_avx512_bf16_supported() or cpu_has_amx_tiles())
