@@ -7,7 +7,8 @@ Each tree's ``leanft train`` runs in its own process with its own defaults and t
 an optimizer step to its end, so drift in the machine's speed reaches both alike. OUT.json gets, for steps 6 to
 ``max_steps - 2`` (the first ones overlap the other process's start, the last ones its final evaluation), each
 side's training seconds, its examples' own tokens and tokens/s, and B's tokens/s over A's. Make OLD_SRC with
-``git worktree add ../old COMMIT`` (its ``src/``); both trees run on this environment's packages.
+``git worktree add ../old COMMIT`` (its ``src/``); both trees run on this environment's packages. The turns are
+kept here rather than by ``leanft.studies.interleave``, which an older tree does not have.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main(argv: list[str]) -> None:
         process.start()
     for process, _ in sides:
         process.join()
+    failed = [src for (process, _), src in zip(sides, (old_src, new_src), strict=True) if process.exitcode]
+    if failed:
+        raise SystemExit(f"training failed with the leanft under {', '.join(failed)}: see its output above")
     runs = [json.loads(Path(result).read_text()) for _, result in sides]
     a, b = (summary(run) for run in runs)
     report = {"a": {"src": old_src, **a}, "b": {"src": new_src, **b},
